@@ -1,0 +1,425 @@
+"""Typed run configuration: YAML files plus dotted command-line overrides.
+
+A config file is plain data. It may name one or more ``base`` files (paths relative to itself) that are
+merged first, so a table row is a small file that says only how it differs. Command-line overrides use
+dotted keys (``optim.lr=1e-3``, ``aug.scale=[0.2,1.0]``). Every key is checked against the dataclass
+schema of the tool that reads it: an unknown or misspelled key stops the run with its dotted name and the
+closest valid key, never silently ignored. Values are coerced to the annotated type of their field.
+
+The resolved config is written beside every run's outputs (``save_config``), so a run can be repeated
+from its own folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Literal, Union, get_args, get_origin
+
+import yaml
+
+__all__ = [
+    'ConfigError', 'DataConfig', 'AugConfig', 'ModelConfig', 'TeacherConfig', 'DistillConfig', 'OptimConfig',
+    'RuntimeConfig', 'WandbConfig', 'TrainConfig', 'load_config', 'load_yaml_with_bases', 'apply_overrides',
+    'from_dict', 'to_dict', 'save_config',
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sections shared by every tool
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class DataConfig:
+    """Which long-tailed dataset, where it is, and how classes are grouped into head / mid / tail."""
+    # cifar10_lt | cifar100_lt | imagenet_lt | inat2018 | places_lt | image_list | digits_lt
+    name: str = 'cifar10_lt'
+    # Folder holding the data: `cifar-10-batches-py/`, `cifar-100-python/`, `cifar10_jpeg.npz` (or the .npz path
+    # itself) for CIFAR; the image root for list-file datasets. Not needed for digits_lt.
+    root: str | None = None
+    imb_factor: float = 100.0           # n_max / n_min; 1 = balanced (CIFAR-LT, digits_lt)
+    # List files (`relative/path label` per line) for list-file datasets; relative paths resolve against
+    # `list_dir` (default: root). The standard names are used when left empty.
+    train_list: str | None = None
+    val_list: str | None = None
+    test_list: str | None = None
+    list_dir: str | None = None
+    sort_classes: bool = True           # renumber classes by descending train count (ImageNet-LT, iNat, lists)
+    # Head/mid/tail: 'threshold' (many > many_threshold, few < few_threshold train images), 'index'
+    # (class-index ranges [0,a) [a,b) [b,C) in sorted label space, as DeiT-LT reports), or 'auto' (index for
+    # datasets with published DeiT-LT ranges, threshold otherwise).
+    split: Literal['auto', 'threshold', 'index'] = 'auto'
+    many_threshold: int = 100
+    few_threshold: int = 20
+    split_bounds: list[int] | None = None   # [a, b] for split='index'; dataset default when empty
+    # Balanced validation split, per class, carved from training images that the long-tailed subset did
+    # not use (CIFAR leftovers, digits' pool); a class without enough leftovers gives from its training
+    # images. 0 = no validation split (list datasets use `val_list` instead).
+    val_per_class: int = 0
+    test_per_class: int = 40            # digits_lt only: balanced test images per class
+    cache_dir: str | None = None        # decoded-image cache (default ~/.cache/deit_lt)
+    preload: bool = False               # list datasets: decode every image once and keep it in memory
+    preload_size: int | None = None     # ... resized so that the short side is this many pixels
+    in_memory_max_mb: int = 4096        # refuse to put more than this on the device for the device pipeline
+
+
+@dataclasses.dataclass
+class AugConfig:
+    """Training and evaluation augmentation (the DeiT recipe by default)."""
+    crop: Literal['rrc', 'pad_crop', 'none'] = 'rrc'  # RandomResizedCrop | pad-and-crop (CIFAR CNNs) | none
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    padding: int = 4                    # pad_crop only
+    hflip: float = 0.5
+    interpolation: Literal['bilinear', 'bicubic'] = 'bicubic'
+    rand_augment: str | None = 'rand-m9-mstd0.5-inc1'   # timm RandAugment spec, null = off
+    color_jitter: float | None = None   # ignored when rand_augment is set (timm behaviour)
+    re_prob: float = 0.25               # random erasing probability
+    re_mode: Literal['pixel', 'rand', 'const'] = 'pixel'
+    re_count: int = 1
+    mixup: float = 0.8                  # Mixup alpha (0 = off)
+    cutmix: float = 1.0                 # CutMix alpha (0 = off)
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: Literal['batch', 'pair', 'elem'] = 'batch'
+    smoothing: float = 0.1              # label smoothing inside the mixed targets
+    repeated_aug: int = 3               # repeated augmentation (RASampler) repeats; 1 = off
+    eval_crop_pct: float | None = None  # eval: resize to size/crop_pct then centre crop; default 0.875 at 224
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    # Where augmentation runs: 'device' (dataset held decoded on the device, batched augmentation there),
+    # 'loader' (per-image PIL augmentation in DataLoader workers), 'auto' (device for in-memory datasets).
+    placement: Literal['auto', 'device', 'loader'] = 'auto'
+    num_workers: int = 8                # loader placement only
+
+
+@dataclasses.dataclass
+class RuntimeConfig:
+    """Devices, precision, speed switches, outputs and checkpoints."""
+    seed: int = 0
+    output_dir: str = 'runs/default'
+    cpu: bool = False                   # force CPU even when a GPU is present
+    mixed_precision: Literal['auto', 'no', 'bf16', 'fp16'] = 'auto'   # auto: bf16 on GPU (fp16 without bf16)
+    compile: Literal['auto', 'on', 'off'] = 'auto'    # torch.compile the training step model (auto: on GPU)
+    channels_last: bool = True          # CNNs (teacher) in channels-last memory format on GPU
+    eval_every: int = 1                 # epochs between evaluations (the last epoch is always evaluated)
+    save_every: int = 1                 # epochs between resumable checkpoints
+    save_every_steps: int = 0           # also checkpoint every N optimizer steps inside an epoch (0 = off)
+    keep_checkpoints: int = 1           # resumable checkpoints kept besides best / final
+    resume: str | None = None           # 'auto' (latest in output_dir, if any) or a checkpoint folder
+    log_every: int = 50                 # optimizer steps between console / W&B scalars (the only host syncs)
+    max_steps: int | None = None        # stop after this many optimizer steps (tests, smoke runs)
+    eval_batch_size: int = 256
+    progress: bool = True               # console progress bar
+
+
+@dataclasses.dataclass
+class WandbConfig:
+    """Weights & Biases logging. Never required: 'disabled' works without wandb installed."""
+    mode: Literal['offline', 'online', 'disabled'] = 'offline'
+    project: str = 'deit-lt'
+    entity: str | None = None
+    name: str | None = None
+    tags: list[str] = dataclasses.field(default_factory=list)
+    dir: str | None = None              # default: the run's output_dir
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Student (tools/train.py)
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The student: a timm model name plus keyword arguments for `timm.create_model`."""
+    name: str = 'deit_base_distilled_patch16_224'
+    img_size: int | None = None         # default: the model's own
+    drop_path_rate: float = 0.1
+    drop_rate: float = 0.0
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class TeacherConfig:
+    """The CNN teacher the DIST head learns from."""
+    checkpoint: str | None = None       # our .safetensors export, a plain state dict, or a PaCo/MoCo checkpoint
+    arch: str | None = None             # model name; read from our checkpoints when empty
+    format: Literal['auto', 'deit_lt', 'state_dict', 'paco'] = 'auto'
+    num_classes: int | None = None      # checked against the data; read from the checkpoint when empty
+    use_norm: bool | None = None        # cosine (LDAM) head; read from our checkpoints when empty
+    img_size: int | None = None         # teacher input size; the student's batch is resized to it
+    # 'mixed': the teacher sees the student's augmented, mixed batch (out-of-distribution distillation);
+    # 'clean': it sees the un-augmented image (ablation).
+    input: Literal['mixed', 'clean'] = 'mixed'
+    mean: tuple[float, ...] | None = None   # normalisation the teacher was trained with (default: the student's)
+    std: tuple[float, ...] | None = None
+    map_targets: bool = False           # map the teacher's class ids through the sorted-class map (PaCo IN-LT/iNat)
+    logit_scale: float | None = None    # multiply logits (LDAM cosine heads: 30) before soft distillation
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """DeiT-LT loss: CLS on ground truth, DIST on the teacher, DRW re-weighting of the DIST term."""
+    type: Literal['hard', 'soft', 'none'] = 'hard'   # none: DIST head learns the ground truth (no teacher)
+    alpha: float = 0.5                  # L = (1 - alpha) * L_cls + alpha * L_dist
+    tau: float = 1.0                    # soft distillation temperature
+    drw_epoch: int | None = 1100        # from this epoch on, DIST CE is class-balanced re-weighted; null = never
+    beta: float = 0.9999                # effective-number beta of the DRW weights
+    no_mixup_drw: bool = True           # after drw_epoch: no Mixup/CutMix, CLS on plain CE (CIFAR recipe)
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+    opt: str = 'adamw'
+    lr: float = 2.5e-4                  # peak lr at the global batch `lr_base_batch`; scaled linearly
+    lr_base_batch: int = 1024           # global batch (per device x devices x accumulation) the lr is given for
+    weight_decay: float = 0.05
+    momentum: float = 0.9               # SGD only
+    clip_grad: float | None = None
+    epochs: int = 1200
+    sched: Literal['cosine', 'constant'] = 'cosine'
+    warmup_epochs: float = 5
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    batch_size: int = 128               # per device, per micro-batch
+    accum_steps: int = 4                # gradient accumulation
+    fused: bool | None = None           # fused AdamW kernel (default: on GPU)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything tools/train.py reads."""
+    name: str = 'deit_lt'
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    aug: AugConfig = dataclasses.field(default_factory=AugConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+    wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------
+
+def load_yaml_with_bases(path: str | os.PathLike, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a YAML mapping and merge the files named by its `base` key (relative to it) underneath it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f'config file not found: {path}')
+    key = str(path.resolve())
+    if key in _seen:
+        raise ConfigError(f'config bases form a cycle: {" -> ".join(_seen + (key,))}')
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f'{path}: not valid YAML: {e}') from None
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f'{path}: the top level must be a mapping, got {type(raw).__name__}')
+    bases = raw.pop('base', None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged = _deep_merge(merged, load_yaml_with_bases(path.parent / base, _seen + (key,)))
+    return _deep_merge(merged, raw)
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str], schema: type | None = None) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides to a nested dict. Values are YAML scalars/lists (`null`, `[1,2]`, `1e-3`).
+
+    With `schema`, a key that is not a field is reported right away with its dotted name.
+    """
+    raw = dict(raw)
+    for item in overrides:
+        if '=' not in item:
+            raise ConfigError(f'override {item!r} is not of the form key.sub=value')
+        key, _, text = item.partition('=')
+        key = key.strip().lstrip('-')
+        parts = key.split('.')
+        if schema is not None:
+            _check_path(schema, parts)
+        node = raw
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = _parse_value(text)
+    return raw
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ''
+    except yaml.YAMLError:
+        return text
+
+
+def _check_path(schema: type, parts: list[str]) -> None:
+    cls = schema
+    for i, p in enumerate(parts):
+        if cls is None or not dataclasses.is_dataclass(cls):
+            return  # free-form dict field (model.kwargs.*)
+        hints = typing.get_type_hints(cls)
+        if p not in hints:
+            _unknown_key('.'.join(parts[:i + 1]), p, list(hints))
+        cls = _dataclass_of(hints[p])
+
+
+def _dataclass_of(tp: Any) -> type | None:
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for a in get_args(tp):
+        if dataclasses.is_dataclass(a):
+            return a
+    return None
+
+
+def _unknown_key(dotted: str, key: str, valid: list[str]) -> None:
+    near = difflib.get_close_matches(key, valid, n=1)
+    hint = f' Did you mean {near[0]!r}?' if near else ''
+    raise ConfigError(f'unknown config key {dotted!r}.{hint} Valid keys here: {", ".join(sorted(valid))}.')
+
+
+def from_dict(cls: type, raw: dict[str, Any] | None, prefix: str = '') -> Any:
+    """Build dataclass `cls` from a nested dict, checking keys and coercing values to the annotated types."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f'{prefix or "config"} must be a mapping, got {raw!r}')
+    hints = typing.get_type_hints(cls)
+    for k in raw:
+        if k not in hints:
+            _unknown_key(f'{prefix}{k}', k, list(hints))
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in raw:
+            kwargs[f.name] = _coerce(raw[f.name], hints[f.name], f'{prefix}{f.name}')
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, prefix=key + '.')
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ('null', 'none', '~')):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f'{key}: cannot be {value!r}')
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f'{key}: {value!r} is not one of {", ".join(map(repr, choices))}')
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = _parse_value(value)
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f'{key}: expected {len(args)} values, got {list(value)!r}')
+            return tuple(_coerce(v, a, f'{key}[{i}]') for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        out = [_coerce(v, item, f'{key}[{i}]') for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f'{key}: expected a mapping, got {value!r}')
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ('true', 'yes', 'on', '1', 'false', 'no', 'off', '0'):
+            return value.lower() in ('true', 'yes', 'on', '1')
+        raise ConfigError(f'{key}: expected true/false, got {value!r}')
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f'{key}: expected an integer, got {value!r}')
+        if isinstance(value, int):
+            return value
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f'{key}: expected an integer, got {value!r}') from None
+        if not f.is_integer():
+            raise ConfigError(f'{key}: expected an integer, got {value!r}')
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f'{key}: expected a number, got {value!r}')
+        try:
+            return float(value)  # also PyYAML's '1e-3' strings
+        except (TypeError, ValueError):
+            raise ConfigError(f'{key}: expected a number, got {value!r}') from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f'{key}: expected a string, got {value!r}')
+        return str(value)
+    return value
+
+
+def load_config(cls: type, path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> Any:
+    """Load `cls` (a config dataclass) from an optional YAML file with bases, then apply dotted overrides."""
+    raw = load_yaml_with_bases(path) if path else {}
+    raw = apply_overrides(raw, list(overrides), schema=cls)
+    return from_dict(cls, raw)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain YAML-able data (tuples become lists)."""
+    def conv(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+    return conv(cfg)
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config (atomically) so the run can be repeated from it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + '.tmp')
+    with open(tmp, 'w') as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,25 @@
+"""Shared test fixtures: where the real data lives, a private cache, W&B off by default."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get('DEIT_LT_DATA', REPO.parent / 'shared' / 'data'))
+CIFAR10_PACK = DATA_DIR / 'cifar10_jpeg.npz'
+CIFAR100_LABELS = DATA_DIR / 'cifar100_labels.npz'
+
+needs_cifar10 = pytest.mark.skipif(not CIFAR10_PACK.is_file(), reason=f'real CIFAR-10 pack not found at {CIFAR10_PACK}')
+needs_cifar100_labels = pytest.mark.skipif(not CIFAR100_LABELS.is_file(),
+                                           reason=f'CIFAR-100 labels not found at {CIFAR100_LABELS}')
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, tmp_path_factory):
+    monkeypatch.setenv('WANDB_MODE', 'disabled')
+    monkeypatch.setenv('WANDB_SILENT', 'true')
+    cache = os.environ.get('DEIT_LT_TEST_CACHE') or str(tmp_path_factory.getbasetemp() / 'deit_lt_cache')
+    monkeypatch.setenv('DEIT_LT_CACHE', cache)
+    yield
