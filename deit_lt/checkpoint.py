@@ -1,7 +1,8 @@
 """Checkpoints: model files that carry their own description, and atomic, resumable training states.
 
-Model file (`*.safetensors`): the weights plus a JSON metadata record under the key `deit_lt` (architecture and
-its keyword arguments, class count, input size and normalisation, training class counts, class map, config). The
+Model file (`*.safetensors`): the weights plus a JSON metadata record under the key `deit_lt` (kind: 'student',
+'teacher', 'rebalanced' or 'ncm'; architecture and its keyword arguments, class count, input size and
+normalisation, training class counts, class map, config). The
 student, teacher and rebalancing tools all read and write this one format, so a file names everything needed to
 rebuild the model. safetensors never executes code on load.
 
@@ -68,6 +69,7 @@ def save_model_file(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]
     record = dict(meta, format_version=FORMAT_VERSION)
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     save_file(clean_state_dict(state_dict), str(tmp), metadata={META_KEY: json.dumps(record)})
+    os.chmod(tmp, 0o644)   # safetensors creates files 0600; model files are meant to be shared
     os.replace(tmp, path)
     return path
 

@@ -343,6 +343,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(errors[0] if errors else f'{key}: cannot be {value!r}')
     if origin is Literal:
         choices = get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+            value = next((c for c in (('on', 'true', 'yes') if value else ('off', 'false', 'no')) if c in choices),
+                         value)
         if value not in choices:
             raise ConfigError(f'{key}: {value!r} is not one of {", ".join(map(repr, choices))}')
         return value

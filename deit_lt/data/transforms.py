@@ -12,6 +12,7 @@ from typing import Sequence
 from timm.data import create_transform
 from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import str_to_pil_interp
 import torch
 from torchvision.transforms import v2
 
@@ -53,7 +54,9 @@ def build_train_transform(cfg: AugConfig, img_size: int, in_chans: int = 3):
     if cfg.hflip > 0:
         ops.append(v2.RandomHorizontalFlip(cfg.hflip))
     if cfg.rand_augment:
-        hparams = dict(translate_const=int(img_size * 0.45), img_mean=tuple(min(255, round(255 * m)) for m in mean))
+        # the same hparams timm's create_transform passes (incl. the interpolation of the geometric ops)
+        hparams = dict(translate_const=int(img_size * 0.45), img_mean=tuple(min(255, round(255 * m)) for m in mean),
+                       interpolation=str_to_pil_interp(cfg.interpolation))
         ops.append(rand_augment_transform(cfg.rand_augment, hparams))
     elif cfg.color_jitter:
         ops.append(v2.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter))

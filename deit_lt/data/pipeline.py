@@ -1,0 +1,272 @@
+"""Training and evaluation batch pipelines for both augmentation placements.
+
+'device' (the fast path for in-memory datasets such as CIFAR and digits): the decoded uint8 dataset lives on the
+device once; a step gathers its index slice and augments the batch there (`gpu_aug.DeviceAugment`), airbench-style.
+'loader' (large datasets, or on request): per-image PIL augmentation (`transforms.build_train_transform`, timm's
+recipe) in DataLoader workers with pinned memory and non-blocking copies.
+
+Both are deterministic functions of (seed, epoch, step, rank): the device path seeds a generator per step, the
+loader path seeds each sample from its position in the epoch (so results do not depend on the number of workers).
+Any step of any epoch can therefore be regenerated, which is what exact resume needs (`iter_epoch(start_step=)`).
+"""
+from __future__ import annotations
+
+import abc
+import math
+import random
+import warnings
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.utils.data
+
+from ..config import AugConfig
+from .lt_datasets import LTDataset
+from .samplers import LTSampler
+from .transforms import build_eval_transform, build_train_transform, default_crop_pct, resolve_norm
+
+__all__ = ['Batch', 'resolve_placement', 'TrainBatches', 'DeviceTrainBatches', 'LoaderTrainBatches',
+           'create_train_batches', 'EvalBatches', 'create_eval_batches', 'step_seed']
+
+
+def step_seed(*keys: int) -> int:
+    """A 63-bit seed from a tuple of integers (seed, epoch, step, rank, ...), well mixed by SeedSequence."""
+    return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+
+
+@dataclass
+class Batch:
+    """One micro-batch: augmented normalised images, labels, and optionally the clean (un-augmented) images."""
+    x: torch.Tensor
+    y: torch.Tensor
+    x_clean: torch.Tensor | None = None
+
+
+def resolve_placement(dataset: LTDataset, cfg: AugConfig, max_mb: int = 4096) -> str:
+    """'device' for in-memory datasets that fit the budget, 'loader' otherwise (or as configured)."""
+    if cfg.placement == 'loader':
+        return 'loader'
+    fits = dataset.in_memory and dataset.images.nbytes <= max_mb * 2 ** 20
+    if cfg.placement == 'device':
+        if not dataset.in_memory:
+            raise ValueError(f'aug.placement=device needs an in-memory dataset; {dataset.name} is read from files '
+                             f'(use aug.placement=loader, or data.preload for small folders)')
+        return 'device'
+    return 'device' if fits else 'loader'
+
+
+class TrainBatches(abc.ABC):
+    """Iterates the micro-batches of one epoch for this rank (drop_last: mixup needs full, even batches)."""
+
+    def __init__(self, sampler: LTSampler, batch_size: int, seed: int, rank: int):
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        if len(sampler) < batch_size:
+            raise ValueError(f'the batch ({batch_size} per device) is larger than the samples one device sees per '
+                             f'epoch ({len(sampler)}); lower optim.batch_size')
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def _epoch_indices(self, epoch: int) -> np.ndarray:
+        self.sampler.set_epoch(epoch)
+        return np.fromiter(iter(self.sampler), dtype=np.int64)
+
+    @abc.abstractmethod
+    def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        """Yield the micro-batches of `epoch` from `start_step` on."""
+
+
+class DeviceTrainBatches(TrainBatches):
+    """The dataset as one uint8 tensor on `device`; each step gathers and augments its slice there."""
+
+    def __init__(self, dataset: LTDataset, cfg: AugConfig, *, img_size: int, batch_size: int,
+                 device: torch.device, sampler: LTSampler, seed: int, rank: int = 0, return_clean: bool = False,
+                 compile: bool = False):
+        super().__init__(sampler, batch_size, seed, rank)
+        from .gpu_aug import DeviceAugment, DeviceEvalTransform
+        self.device = torch.device(device)
+        # float64 interpolation reproduces PIL bit for bit (CPU, tests); on GPUs float32 is the fast choice (a few
+        # pixels of a warped image may land one uint8 level lower)
+        self.augment = DeviceAugment(cfg, img_size, in_chans=dataset.in_chans, precise=self.device.type == 'cpu')
+        self.images = torch.from_numpy(np.asarray(dataset.images)).permute(0, 3, 1, 2).contiguous().to(self.device)
+        self.targets = torch.from_numpy(dataset.targets).to(self.device)
+        # only the deterministic part is compiled; parameters are drawn eagerly from the step's generator
+        self._apply = torch.compile(self.augment.apply) if compile else self.augment.apply
+        mean, std = resolve_norm(cfg.mean, cfg.std, dataset.in_chans)
+        self.clean = DeviceEvalTransform(img_size, 1.0, cfg.interpolation, mean, std) if return_clean else None
+
+    def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        order = torch.from_numpy(self._epoch_indices(epoch)).to(self.device)
+        gen = torch.Generator(device=self.device)
+        for step in range(start_step, len(self)):
+            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            images = self.images[idx]
+            gen.manual_seed(step_seed(self.seed, epoch, step, self.rank))
+            params = self.augment.sample_params(len(idx), tuple(images.shape[-2:]), self.device, gen)
+            x = self._apply(images, params)
+            yield Batch(x, self.targets[idx], self.clean(images) if self.clean is not None else None)
+
+
+class _SeededSamples(torch.utils.data.Dataset):
+    """Dataset view whose items are (index, seed): each sample's augmentation is seeded by its position in the
+    epoch, not by worker state, so the loader path is reproducible and resumable."""
+
+    def __init__(self, dataset: LTDataset, transform, clean_transform=None):
+        self.dataset = dataset
+        self.transform = transform
+        self.clean_transform = clean_transform
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        i, seed = item
+        random.seed(seed)
+        np.random.seed(seed & 0xFFFFFFFF)
+        torch.manual_seed(seed)
+        img, y = self.dataset[i]
+        x = self.transform(img)
+        if self.clean_transform is None:
+            return x, y
+        return x, y, self.clean_transform(img)
+
+
+class _EpochBatchSampler:
+    """Batches of (index, seed) for the epoch and start step set before each iteration."""
+
+    def __init__(self, owner: 'LoaderTrainBatches'):
+        self.owner = owner
+        self.epoch = 0
+        self.start_step = 0
+
+    def __len__(self):
+        return len(self.owner) - self.start_step
+
+    def __iter__(self):
+        o = self.owner
+        idx = o._epoch_indices(self.epoch)
+        for step in range(self.start_step, len(o)):
+            pos = range(step * o.batch_size, (step + 1) * o.batch_size)
+            yield [(int(idx[p]), step_seed(o.seed, self.epoch, o.rank, p)) for p in pos]
+
+
+class LoaderTrainBatches(TrainBatches):
+    """Per-image PIL augmentation in DataLoader workers (timm's reference recipe)."""
+
+    def __init__(self, dataset: LTDataset, cfg: AugConfig, *, img_size: int, batch_size: int,
+                 device: torch.device, sampler: LTSampler, seed: int, rank: int = 0, return_clean: bool = False):
+        super().__init__(sampler, batch_size, seed, rank)
+        self.device = torch.device(device)
+        mean, std = resolve_norm(cfg.mean, cfg.std, dataset.in_chans)
+        clean = build_eval_transform(img_size, 1.0, cfg.interpolation, mean, std, dataset.in_chans) \
+            if return_clean else None
+        samples = _SeededSamples(dataset, build_train_transform(cfg, img_size, dataset.in_chans), clean)
+        self.batch_sampler = _EpochBatchSampler(self)
+        workers = cfg.num_workers
+        self.loader = torch.utils.data.DataLoader(
+            samples, batch_sampler=self.batch_sampler, num_workers=workers,
+            pin_memory=self.device.type == 'cuda', persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None)
+
+    def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        self.batch_sampler.epoch, self.batch_sampler.start_step = epoch, start_step
+        for item in self.loader:
+            x, y = item[0].to(self.device, non_blocking=True), item[1].to(self.device, non_blocking=True)
+            clean = item[2].to(self.device, non_blocking=True) if len(item) > 2 else None
+            yield Batch(x, y, clean)
+
+
+def create_train_batches(dataset: LTDataset, cfg: AugConfig, *, img_size: int, batch_size: int,
+                         device: torch.device | str, sampler: LTSampler, seed: int, rank: int = 0,
+                         return_clean: bool = False, placement: str | None = None,
+                         max_device_mb: int = 4096, compile: bool = False) -> TrainBatches:
+    """The training batches for `dataset` with augmentation `cfg` on the configured / automatic placement.
+
+    With placement 'auto' (None here and cfg.placement 'auto'), a recipe the device path does not implement (e.g.
+    an AutoAugment policy) falls back to the loader with a warning.
+    """
+    common = dict(img_size=img_size, batch_size=batch_size, device=torch.device(device), sampler=sampler, seed=seed,
+                  rank=rank, return_clean=return_clean)
+    chosen = placement or resolve_placement(dataset, cfg, max_device_mb)
+    if chosen == 'loader':
+        return LoaderTrainBatches(dataset, cfg, **common)
+    try:
+        return DeviceTrainBatches(dataset, cfg, compile=compile, **common)
+    except ValueError as e:
+        if placement is not None or cfg.placement != 'auto':
+            raise
+        warnings.warn(f'augmentation on the device is not possible ({e}); using per-image loader augmentation')
+        return LoaderTrainBatches(dataset, cfg, **common)
+
+
+class EvalBatches:
+    """Evaluation batches of this rank's contiguous shard (eval transform, dataset order).
+
+    Shards have ceil(N / world) samples (the last rank's is padded with repeats of its own last sample), so
+    gathering all ranks' outputs and keeping the first N restores dataset order.
+    """
+
+    def __init__(self, dataset: LTDataset, cfg: AugConfig, *, img_size: int, batch_size: int,
+                 device: torch.device | str, crop_pct: float | None = None, num_replicas: int = 1, rank: int = 0,
+                 placement: str | None = None, max_device_mb: int = 4096):
+        self.dataset = dataset
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        n = len(dataset)
+        per = math.ceil(n / num_replicas)
+        shard = np.arange(rank * per, (rank + 1) * per)
+        self.indices = np.minimum(shard, n - 1) if n else shard
+        self.num_total = n
+        native = dataset.image_size[0] if dataset.image_size else None
+        crop_pct = crop_pct if crop_pct is not None else default_crop_pct(cfg, img_size, native)
+        mean, std = resolve_norm(cfg.mean, cfg.std, dataset.in_chans)
+        self.placement = placement or resolve_placement(dataset, cfg, max_device_mb)
+        if self.placement == 'device':
+            from .gpu_aug import DeviceEvalTransform
+            self.transform = DeviceEvalTransform(img_size, crop_pct, cfg.interpolation, mean, std)
+            self.images = torch.from_numpy(np.asarray(dataset.images)).permute(0, 3, 1, 2).contiguous()
+            self.targets = torch.from_numpy(dataset.targets)
+        else:
+            tf = build_eval_transform(img_size, crop_pct, cfg.interpolation, mean, std, dataset.in_chans)
+            subset = torch.utils.data.Subset(_Transformed(dataset, tf), self.indices.tolist())
+            self.loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False,
+                                                      num_workers=cfg.num_workers,
+                                                      pin_memory=self.device.type == 'cuda')
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.placement == 'device':
+            for s in range(0, len(self.indices), self.batch_size):
+                idx = torch.from_numpy(self.indices[s:s + self.batch_size])
+                images = self.images[idx].to(self.device, non_blocking=True)
+                yield self.transform(images), self.targets[idx].to(self.device, non_blocking=True)
+        else:
+            for x, y in self.loader:
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+class _Transformed(torch.utils.data.Dataset):
+    def __init__(self, dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        img, y = self.dataset[i]
+        return self.transform(img), y
+
+
+def create_eval_batches(dataset: LTDataset, cfg: AugConfig, *, img_size: int, batch_size: int,
+                        device: torch.device | str, crop_pct: float | None = None, num_replicas: int = 1,
+                        rank: int = 0, placement: str | None = None) -> EvalBatches:
+    """Evaluation batches (eval transform: resize / centre crop / normalise), in dataset order."""
+    return EvalBatches(dataset, cfg, img_size=img_size, batch_size=batch_size, device=device, crop_pct=crop_pct,
+                       num_replicas=num_replicas, rank=rank, placement=placement)

@@ -1,0 +1,104 @@
+"""Small-image DeiT students, registered in timm's model registry.
+
+The paper's students are timm's own `deit_{tiny,small,base}_distilled_patch16_224` (CLS + DIST tokens). For
+native-resolution CIFAR we add the same architectures with 4x4 patches at 32x32 (8x8 = 64 patch tokens), and
+a 4-block "micro" DeiT with 2x2 patches at 8x8 for the bundled digits dataset. Non-distilled twins (CLS token
+only) serve as the ViT baseline. All are timm `VisionTransformerDistilled` / `VisionTransformer` instances built
+through `build_model_with_cfg`, so `timm.create_model(name, num_classes=..., drop_path_rate=..., in_chans=...)`
+works as for any timm model; none has pretrained weights (nothing is ever downloaded).
+"""
+from __future__ import annotations
+
+from functools import partial
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import checkpoint_filter_fn
+
+__all__ = []  # filled by register_model
+
+_SIZES = {
+    'micro': dict(embed_dim=96, depth=4, num_heads=3),
+    'tiny': dict(embed_dim=192, depth=12, num_heads=3),
+    'small': dict(embed_dim=384, depth=12, num_heads=6),
+    'base': dict(embed_dim=768, depth=12, num_heads=12),
+}
+
+
+def _cfg(img_size: int, **kwargs):
+    return {
+        'url': '', 'num_classes': 10, 'input_size': (3, img_size, img_size), 'pool_size': None, 'crop_pct': 1.0,
+        'interpolation': 'bicubic', 'fixed_input_size': True, 'mean': IMAGENET_DEFAULT_MEAN,
+        'std': IMAGENET_DEFAULT_STD, 'first_conv': 'patch_embed.proj', 'classifier': 'head', **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    **{f'deit_{s}_distilled_patch4_32.untrained': _cfg(32, classifier=('head', 'head_dist'))
+       for s in ('tiny', 'small', 'base')},
+    **{f'deit_{s}_patch4_32.untrained': _cfg(32) for s in ('tiny', 'small', 'base')},
+    'deit_micro_distilled_patch2_8.untrained': _cfg(8, classifier=('head', 'head_dist')),
+    'deit_micro_patch2_8.untrained': _cfg(8),
+})
+
+
+def _create(variant: str, size: str, patch_size: int, img_size: int, distilled: bool, pretrained: bool, **kwargs):
+    if pretrained:
+        raise ValueError(f'{variant} has no pretrained weights; DeiT-LT students are trained from scratch')
+    model_args = dict(img_size=img_size, patch_size=patch_size, **_SIZES[size])
+    return build_model_with_cfg(
+        VisionTransformerDistilled if distilled else VisionTransformer,
+        variant,
+        pretrained=False,
+        pretrained_filter_fn=partial(checkpoint_filter_fn, adapt_layer_scale=True),
+        **dict(model_args, **kwargs),
+    )
+
+
+@register_model
+def deit_tiny_distilled_patch4_32(pretrained=False, **kwargs) -> VisionTransformerDistilled:
+    """DeiT-Ti with CLS + DIST tokens, 4x4 patches at 32x32 (CIFAR at native resolution)."""
+    return _create('deit_tiny_distilled_patch4_32', 'tiny', 4, 32, True, pretrained, **kwargs)
+
+
+@register_model
+def deit_small_distilled_patch4_32(pretrained=False, **kwargs) -> VisionTransformerDistilled:
+    """DeiT-S with CLS + DIST tokens, 4x4 patches at 32x32."""
+    return _create('deit_small_distilled_patch4_32', 'small', 4, 32, True, pretrained, **kwargs)
+
+
+@register_model
+def deit_base_distilled_patch4_32(pretrained=False, **kwargs) -> VisionTransformerDistilled:
+    """DeiT-B with CLS + DIST tokens, 4x4 patches at 32x32."""
+    return _create('deit_base_distilled_patch4_32', 'base', 4, 32, True, pretrained, **kwargs)
+
+
+@register_model
+def deit_tiny_patch4_32(pretrained=False, **kwargs) -> VisionTransformer:
+    """ViT baseline (CLS token only) of DeiT-Ti size, 4x4 patches at 32x32."""
+    return _create('deit_tiny_patch4_32', 'tiny', 4, 32, False, pretrained, **kwargs)
+
+
+@register_model
+def deit_small_patch4_32(pretrained=False, **kwargs) -> VisionTransformer:
+    """ViT baseline of DeiT-S size, 4x4 patches at 32x32."""
+    return _create('deit_small_patch4_32', 'small', 4, 32, False, pretrained, **kwargs)
+
+
+@register_model
+def deit_base_patch4_32(pretrained=False, **kwargs) -> VisionTransformer:
+    """ViT baseline of DeiT-B size, 4x4 patches at 32x32."""
+    return _create('deit_base_patch4_32', 'base', 4, 32, False, pretrained, **kwargs)
+
+
+@register_model
+def deit_micro_distilled_patch2_8(pretrained=False, **kwargs) -> VisionTransformerDistilled:
+    """4-block, 96-wide DeiT with CLS + DIST tokens, 2x2 patches at 8x8 (the bundled digits dataset)."""
+    return _create('deit_micro_distilled_patch2_8', 'micro', 2, 8, True, pretrained, **kwargs)
+
+
+@register_model
+def deit_micro_patch2_8(pretrained=False, **kwargs) -> VisionTransformer:
+    """ViT baseline of the micro size, 2x2 patches at 8x8."""
+    return _create('deit_micro_patch2_8', 'micro', 2, 8, False, pretrained, **kwargs)
