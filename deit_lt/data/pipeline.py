@@ -58,19 +58,30 @@ def resolve_placement(dataset: LTDataset, cfg: AugConfig, max_mb: int = 4096) ->
 
 
 class TrainBatches(abc.ABC):
-    """Iterates the micro-batches of one epoch for this rank (drop_last: mixup needs full, even batches)."""
+    """Iterates the micro-batches of one epoch for this rank.
 
-    def __init__(self, sampler: LTSampler, batch_size: int, seed: int, rank: int):
+    `drop_last` (the default) keeps only full batches: Mixup/CutMix pair images inside a batch and need an even
+    size, and a compiled step keeps one shape. Recipes without mixing (the CNN teachers) keep the last partial
+    batch, as their original data loaders do.
+    """
+
+    def __init__(self, sampler: LTSampler, batch_size: int, seed: int, rank: int, drop_last: bool = True):
         self.sampler = sampler
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
+        self.drop_last = drop_last
         if len(sampler) < batch_size:
             raise ValueError(f'the batch ({batch_size} per device) is larger than the samples one device sees per '
                              f'epoch ({len(sampler)}); lower optim.batch_size')
 
     def __len__(self) -> int:
-        return len(self.sampler) // self.batch_size
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def _positions(self, step: int) -> range:
+        """Positions in the epoch's index list of micro-batch `step`."""
+        return range(step * self.batch_size, min((step + 1) * self.batch_size, len(self.sampler)))
 
     def _epoch_indices(self, epoch: int) -> np.ndarray:
         self.sampler.set_epoch(epoch)
@@ -86,14 +97,15 @@ class DeviceTrainBatches(TrainBatches):
 
     def __init__(self, dataset: LTDataset, cfg: AugConfig, *, img_size: int, batch_size: int,
                  device: torch.device, sampler: LTSampler, seed: int, rank: int = 0, return_clean: bool = False,
-                 compile: bool = False):
-        super().__init__(sampler, batch_size, seed, rank)
+                 compile: bool = False, drop_last: bool = True):
+        super().__init__(sampler, batch_size, seed, rank, drop_last)
         from .gpu_aug import DeviceAugment, DeviceEvalTransform
         self.device = torch.device(device)
         # float64 interpolation reproduces PIL bit for bit (CPU, tests); on GPUs float32 is the fast choice (a few
         # pixels of a warped image may land one uint8 level lower)
         self.augment = DeviceAugment(cfg, img_size, in_chans=dataset.in_chans, precise=self.device.type == 'cpu')
-        self.images = torch.from_numpy(np.asarray(dataset.images)).permute(0, 3, 1, 2).contiguous().to(self.device)
+        # np.array copies: cached datasets are read-only memory maps, which torch.from_numpy warns about
+        self.images = torch.from_numpy(np.array(dataset.images)).permute(0, 3, 1, 2).contiguous().to(self.device)
         self.targets = torch.from_numpy(dataset.targets).to(self.device)
         # only the deterministic part is compiled; parameters are drawn eagerly from the step's generator
         self._apply = torch.compile(self.augment.apply) if compile else self.augment.apply
@@ -104,7 +116,8 @@ class DeviceTrainBatches(TrainBatches):
         order = torch.from_numpy(self._epoch_indices(epoch)).to(self.device)
         gen = torch.Generator(device=self.device)
         for step in range(start_step, len(self)):
-            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            pos = self._positions(step)
+            idx = order[pos.start:pos.stop]
             images = self.images[idx]
             gen.manual_seed(step_seed(self.seed, epoch, step, self.rank))
             params = self.augment.sample_params(len(idx), tuple(images.shape[-2:]), self.device, gen)
@@ -151,7 +164,7 @@ class _EpochBatchSampler:
         o = self.owner
         idx = o._epoch_indices(self.epoch)
         for step in range(self.start_step, len(o)):
-            pos = range(step * o.batch_size, (step + 1) * o.batch_size)
+            pos = o._positions(step)
             yield [(int(idx[p]), step_seed(o.seed, self.epoch, o.rank, p)) for p in pos]
 
 
@@ -159,8 +172,9 @@ class LoaderTrainBatches(TrainBatches):
     """Per-image PIL augmentation in DataLoader workers (timm's reference recipe)."""
 
     def __init__(self, dataset: LTDataset, cfg: AugConfig, *, img_size: int, batch_size: int,
-                 device: torch.device, sampler: LTSampler, seed: int, rank: int = 0, return_clean: bool = False):
-        super().__init__(sampler, batch_size, seed, rank)
+                 device: torch.device, sampler: LTSampler, seed: int, rank: int = 0, return_clean: bool = False,
+                 drop_last: bool = True):
+        super().__init__(sampler, batch_size, seed, rank, drop_last)
         self.device = torch.device(device)
         mean, std = resolve_norm(cfg.mean, cfg.std, dataset.in_chans)
         clean = build_eval_transform(img_size, 1.0, cfg.interpolation, mean, std, dataset.in_chans) \
@@ -184,14 +198,14 @@ class LoaderTrainBatches(TrainBatches):
 def create_train_batches(dataset: LTDataset, cfg: AugConfig, *, img_size: int, batch_size: int,
                          device: torch.device | str, sampler: LTSampler, seed: int, rank: int = 0,
                          return_clean: bool = False, placement: str | None = None,
-                         max_device_mb: int = 4096, compile: bool = False) -> TrainBatches:
+                         max_device_mb: int = 4096, compile: bool = False, drop_last: bool = True) -> TrainBatches:
     """The training batches for `dataset` with augmentation `cfg` on the configured / automatic placement.
 
     With placement 'auto' (None here and cfg.placement 'auto'), a recipe the device path does not implement (e.g.
     an AutoAugment policy) falls back to the loader with a warning.
     """
     common = dict(img_size=img_size, batch_size=batch_size, device=torch.device(device), sampler=sampler, seed=seed,
-                  rank=rank, return_clean=return_clean)
+                  rank=rank, return_clean=return_clean, drop_last=drop_last)
     chosen = placement or resolve_placement(dataset, cfg, max_device_mb)
     if chosen == 'loader':
         return LoaderTrainBatches(dataset, cfg, **common)
@@ -229,7 +243,7 @@ class EvalBatches:
         if self.placement == 'device':
             from .gpu_aug import DeviceEvalTransform
             self.transform = DeviceEvalTransform(img_size, crop_pct, cfg.interpolation, mean, std)
-            self.images = torch.from_numpy(np.asarray(dataset.images)).permute(0, 3, 1, 2).contiguous()
+            self.images = torch.from_numpy(np.array(dataset.images)).permute(0, 3, 1, 2).contiguous()
             self.targets = torch.from_numpy(dataset.targets)
         else:
             tf = build_eval_transform(img_size, crop_pct, cfg.interpolation, mean, std, dataset.in_chans)

@@ -43,10 +43,11 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _create(variant: str, size: str, patch_size: int, img_size: int, distilled: bool, pretrained: bool, **kwargs):
+def _create(variant: str, size: str, default_patch: int, default_img: int, distilled: bool, pretrained: bool,
+            **kwargs):
     if pretrained:
         raise ValueError(f'{variant} has no pretrained weights; DeiT-LT students are trained from scratch')
-    model_args = dict(img_size=img_size, patch_size=patch_size, **_SIZES[size])
+    model_args = dict(img_size=default_img, patch_size=default_patch, **_SIZES[size])   # kwargs may override
     return build_model_with_cfg(
         VisionTransformerDistilled if distilled else VisionTransformer,
         variant,

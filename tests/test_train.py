@@ -1,0 +1,150 @@
+"""tools/train.py end to end on the bundled digits data: learning, exact resume, 2-process DDP, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+
+TRAIN = str(REPO / 'tools' / 'train.py')
+# a tiny, fast student run (CPU): 4-block 96-wide DeiT on 8x8 digits
+TINY = ['data.name=digits_lt', 'data.imb_factor=10', 'model.name=deit_micro_distilled_patch2_8',
+        'optim.batch_size=16', 'optim.accum_steps=2', 'optim.lr=1e-3', 'optim.lr_base_batch=32',
+        'optim.warmup_epochs=1', 'aug.rand_augment=rand-m9-mstd0.5-inc1', 'aug.scale=[0.35,1]', 'wandb.mode=disabled',
+        'runtime.progress=false', 'runtime.log_every=4', 'runtime.compile=off']
+
+
+def run_train(args, env_extra=None, check=True, launcher=None):
+    env = dict(os.environ, PYTHONUNBUFFERED='1', **(env_extra or {}))
+    cmd = (launcher or [sys.executable]) + [TRAIN] + args
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    if check and r.returncode != 0:
+        raise AssertionError(f'train.py failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}')
+    return r
+
+
+def test_student_without_teacher_learns_and_writes_outputs(tmp_path):
+    out = tmp_path / 'run'
+    run_train(['--config', str(REPO / 'configs' / 'digits_lt' / 'deit_lt.yaml'), 'distill.type=none',
+               'distill.drw_epoch=8', 'optim.epochs=12', 'wandb.mode=disabled', 'runtime.progress=false',
+               f'runtime.output_dir={out}'])
+    report = json.loads((out / 'report.json').read_text())
+    avg = report['last']['test']['avg']
+    assert avg['top1'] > 20.0, avg          # 10 classes: chance is 10% (this 12-epoch run gives ~28%)
+    assert set(report['last']['test']) >= {'cls', 'dist', 'avg', 'agreement'}
+    for f in ('config.yaml', 'best.safetensors', 'last.safetensors', 'per_class_accuracy.png', 'log.jsonl'):
+        assert (out / f).is_file(), f
+    from deit_lt.models import create_model_from_checkpoint
+    model, meta = create_model_from_checkpoint(out / 'last.safetensors')
+    assert meta['kind'] == 'student' and meta['num_classes'] == 10 and meta['in_chans'] == 1
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path):
+    common = TINY + ['distill.type=none', 'distill.drw_epoch=2', 'optim.epochs=3', 'model.drop_path_rate=0.1']
+    run_train(common + [f'runtime.output_dir={tmp_path / "full"}'])
+    # "killed" after 22 optimizer steps (epochs have 17: mid-epoch 1), then resumed
+    run_train(common + [f'runtime.output_dir={tmp_path / "cut"}', 'runtime.max_steps=22'])
+    state = json.loads((tmp_path / 'cut' / 'checkpoints' / (tmp_path / 'cut' / 'checkpoints' / 'latest')
+                        .read_text().strip() / 'state.json').read_text())
+    assert state['updates'] == 22 and state['epoch'] == 1 and state['step'] == 10   # stopped inside epoch 1
+    run_train(common + [f'runtime.output_dir={tmp_path / "cut"}', 'runtime.resume=auto'])
+    a = load_file(tmp_path / 'full' / 'last.safetensors')
+    b = load_file(tmp_path / 'cut' / 'last.safetensors')
+    assert a.keys() == b.keys()
+    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert diff == 0.0, f'resumed run differs from the uninterrupted one by {diff}'
+    ra = json.loads((tmp_path / 'full' / 'report.json').read_text())
+    rb = json.loads((tmp_path / 'cut' / 'report.json').read_text())
+    assert ra['last']['test']['avg']['top1'] == rb['last']['test']['avg']['top1']
+
+
+def test_two_cpu_processes_match_one_process(tmp_path):
+    # deterministic run: no augmentation randomness, no mixup, no drop-path; same global batch 16
+    common = TINY + ['distill.type=none', 'distill.drw_epoch=null', 'optim.epochs=1', 'aug.crop=none',
+                     'aug.hflip=0', 'aug.rand_augment=null', 'aug.re_prob=0', 'aug.mixup=0', 'aug.cutmix=0',
+                     'aug.smoothing=0', 'aug.repeated_aug=1', 'model.drop_path_rate=0', 'optim.accum_steps=1']
+    run_train(common + ['optim.batch_size=16', f'runtime.output_dir={tmp_path / "one"}'])
+    launcher = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+                '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no']
+    r = run_train(common + ['optim.batch_size=8', f'runtime.output_dir={tmp_path / "two"}'],
+                  env_extra={'ACCELERATE_USE_CPU': '1'}, launcher=launcher)
+    assert '2 process(es)' in r.stdout
+    a = load_file(tmp_path / 'one' / 'last.safetensors')
+    b = load_file(tmp_path / 'two' / 'last.safetensors')
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff < 1e-4, f'2-process weights differ from 1-process by {diff}'
+    ra = json.loads((tmp_path / 'one' / 'report.json').read_text())
+    rb = json.loads((tmp_path / 'two' / 'report.json').read_text())
+    assert rb['world_size'] == 2 and ra['world_size'] == 1
+    assert abs(ra['last']['test']['avg']['top1'] - rb['last']['test']['avg']['top1']) <= 0.5
+
+
+@pytest.mark.parametrize('override, message', [
+    (['distill.drw_epoch=9', 'optim.epochs=5'], 'past the last epoch'),
+    (['distill.type=hard'], 'needs teacher.checkpoint'),
+    (['distill.type=hard', 'teacher.checkpoint=/no/such/teacher.safetensors'], 'teacher checkpoint not found'),
+    (['distill.type=none', 'optim.batch_size=4096'], 'larger than the samples'),
+    (['distill.type=none', 'model.img_size=9'], 'not a multiple of the patch size'),
+    (['distill.type=none', 'optim.batch_size=15'], 'must be even'),
+    (['optim.lrr=1'], "unknown config key 'optim.lrr'"),
+    (['distill.type=hard', 'model.name=deit_micro_patch2_8', 'teacher.checkpoint=x'], 'no DIST token'),
+])
+def test_bad_input_stops_before_training(tmp_path, override, message):
+    r = run_train(TINY + [f'runtime.output_dir={tmp_path / "bad"}'] + override, check=False)
+    assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / 'bad' / 'checkpoints').exists()
+
+
+@pytest.fixture(scope='module')
+def digits_teacher(tmp_path_factory):
+    """A quickly trained ResNet-32 teacher on digits_lt (our teacher script, 4 epochs)."""
+    out = tmp_path_factory.mktemp('teacher')
+    r = subprocess.run([sys.executable, str(REPO / 'tools' / 'train_teacher.py'), '--config',
+                        str(REPO / 'configs' / 'teachers' / 'digits_lt.yaml'), 'optim.epochs=4', 'loss.drw_epoch=3',
+                        'optim.milestones=[3]', 'optim.warmup_epochs=1', 'wandb.mode=disabled',
+                        'runtime.progress=false', f'runtime.output_dir={out}'],
+                       capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out / 'last.safetensors'
+
+
+def test_distillation_run_with_our_teacher(tmp_path, digits_teacher):
+    out = tmp_path / 'deit'
+    run_train(['--config', str(REPO / 'configs' / 'digits_lt' / 'deit_lt.yaml'), f'teacher.checkpoint={digits_teacher}',
+               'optim.epochs=4', 'distill.drw_epoch=2', 'wandb.mode=disabled', 'runtime.progress=false',
+               f'runtime.output_dir={out}'])
+    report = json.loads((out / 'report.json').read_text())
+    assert report['last']['test']['dist']['top1'] > 10.0
+    log = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
+    dist_losses = [rec['train/loss_dist'] for rec in log if 'train/loss_dist' in rec]
+    assert dist_losses and all(v > 0 for v in dist_losses)   # the DIST head learned from the teacher
+
+
+def test_teacher_with_other_class_count_is_refused(tmp_path, digits_teacher):
+    r = run_train(['--config', str(REPO / 'configs' / 'digits_lt' / 'deit_lt.yaml'),
+                   f'teacher.checkpoint={digits_teacher}', 'teacher.num_classes=7', 'wandb.mode=disabled',
+                   f'runtime.output_dir={tmp_path / "bad"}'], check=False)
+    assert r.returncode != 0 and 'class' in r.stderr and '7' in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / 'bad' / 'checkpoints').exists()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    out = tmp_path / 'nan'
+    base = ['--config', str(REPO / 'configs' / 'digits_lt' / 'vit.yaml'), 'optim.epochs=3', 'wandb.mode=disabled',
+            'runtime.progress=false', 'runtime.log_every=5', f'runtime.output_dir={out}']
+    run_train(base + ['runtime.max_steps=34'])          # one epoch of 34 updates, checkpointed at its end
+    latest = (out / 'checkpoints' / 'latest').read_text().strip()
+    r = run_train(base + ['runtime.resume=auto', 'optim.lr=1e30', 'optim.warmup_epochs=0'], check=False)
+    assert r.returncode != 0 and 'non-finite' in r.stderr, r.stderr[-2000:]
+    assert (out / 'checkpoints' / 'latest').read_text().strip() == latest
+    from deit_lt.checkpoint import load_training_state
+    state = load_training_state(out / 'checkpoints' / latest)
+    assert state['state']['epoch'] == 1
+    assert all(torch.isfinite(v).all() for v in state['model'].values())
