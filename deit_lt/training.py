@@ -222,6 +222,8 @@ def train(cfg: TrainConfig, accelerator) -> dict:
     model.to(device)
     if want_compile(cfg.runtime.compile, device):
         model = torch.compile(model)
+        if teacher is not None:
+            teacher = torch.compile(teacher)   # forward only (no_grad inside); a ResNet-32 is launch-bound eager
     model, optimizer = accelerator.prepare(model, optimizer)
 
     meta = {

@@ -118,13 +118,26 @@ def digits_teacher(tmp_path_factory):
 def test_distillation_run_with_our_teacher(tmp_path, digits_teacher):
     out = tmp_path / 'deit'
     run_train(['--config', str(REPO / 'configs' / 'digits_lt' / 'deit_lt.yaml'), f'teacher.checkpoint={digits_teacher}',
-               'optim.epochs=4', 'distill.drw_epoch=2', 'wandb.mode=disabled', 'runtime.progress=false',
+               'optim.epochs=12', 'distill.drw_epoch=6', 'wandb.mode=disabled', 'runtime.progress=false',
                f'runtime.output_dir={out}'])
     report = json.loads((out / 'report.json').read_text())
-    assert report['last']['test']['dist']['top1'] > 10.0
-    log = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
-    dist_losses = [rec['train/loss_dist'] for rec in log if 'train/loss_dist' in rec]
-    assert dist_losses and all(v > 0 for v in dist_losses)   # the DIST head learned from the teacher
+    assert report['last']['test']['dist']['top1'] > 20.0                  # chance: 10%
+    # the DIST head learned from the teacher: on the test images it agrees with the teacher more than CLS does
+    from deit_lt.config import AugConfig, DataConfig
+    from deit_lt.data import create_datasets
+    from deit_lt.data.pipeline import create_eval_batches
+    from deit_lt.models import create_model_from_checkpoint, model_outputs
+    from teachers import load_teacher
+    student, meta = create_model_from_checkpoint(out / 'last.safetensors')
+    teacher, _ = load_teacher(digits_teacher, num_classes=10, in_chans=1)
+    test = create_datasets(DataConfig(name='digits_lt', imb_factor=10, val_per_class=20))['test']
+    (x, _), = list(create_eval_batches(test, AugConfig(), img_size=8, batch_size=400, device='cpu'))
+    with torch.no_grad():
+        z_cls, z_dist = model_outputs(student, x)
+        t = teacher(x).argmax(1)
+    agree_dist = (z_dist.argmax(1) == t).float().mean().item()
+    agree_cls = (z_cls.argmax(1) == t).float().mean().item()
+    assert agree_dist > agree_cls, (agree_dist, agree_cls)
 
 
 def test_teacher_with_other_class_count_is_refused(tmp_path, digits_teacher):

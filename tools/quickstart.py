@@ -117,11 +117,11 @@ def main(argv=None) -> int:
 
     def epochs(n: int) -> int:
         return max(2, round(n * args.scale))
-    e_t, e_s = epochs(20), epochs(60)
+    e_t, e_s = epochs(40), epochs(60)
     common = [f'wandb.mode={args.wandb}', 'runtime.progress=false']
     accel = [sys.executable, '-m', 'accelerate.commands.launch', '--cpu', '--num_processes', '1',
              '--mixed_precision', 'no', '--dynamo_backend', 'no']
-    # the teacher recipe at the same fractions of a shorter schedule: warmup 10%, DRW and lr steps at 80% / 90%
+    # the teacher recipe at the same fractions of a (shorter) schedule: DRW and lr steps at 80% / 90%
     t_drw = min(e_t - 1, round(e_t * 0.8))
     teacher = [sys.executable, str(REPO / 'tools' / 'train_teacher.py'), '--config',
                str(REPO / 'configs' / 'teachers' / 'digits_lt.yaml'), f'runtime.output_dir={out / "teacher"}',
