@@ -1,6 +1,7 @@
 """tools/train.py end to end on the bundled digits data: learning, exact resume, 2-process DDP, bad input."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -31,15 +32,27 @@ def run_train(args, env_extra=None, check=True, launcher=None):
 
 def test_student_without_teacher_learns_and_writes_outputs(tmp_path):
     out = tmp_path / 'run'
+    wandb_mode = 'offline' if importlib.util.find_spec('wandb') else 'disabled'
     run_train(['--config', str(REPO / 'configs' / 'digits_lt' / 'deit_lt.yaml'), 'distill.type=none',
-               'distill.drw_epoch=8', 'optim.epochs=12', 'wandb.mode=disabled', 'runtime.progress=false',
-               f'runtime.output_dir={out}'])
+               'distill.drw_epoch=8', 'optim.epochs=12', f'wandb.mode={wandb_mode}', 'runtime.progress=false',
+               f'runtime.output_dir={out}'], env_extra={'WANDB_MODE': wandb_mode})
     report = json.loads((out / 'report.json').read_text())
     avg = report['last']['test']['avg']
     assert avg['top1'] > 20.0, avg          # 10 classes: chance is 10% (this 12-epoch run gives ~28%)
     assert set(report['last']['test']) >= {'cls', 'dist', 'avg', 'agreement'}
     for f in ('config.yaml', 'best.safetensors', 'last.safetensors', 'per_class_accuracy.png', 'log.jsonl'):
         assert (out / f).is_file(), f
+    if wandb_mode == 'offline':   # a local W&B run with the scalars and the per-class plot
+        runs = list((out / 'wandb').glob('offline-run-*'))
+        assert len(runs) == 1 and list(runs[0].glob('*.wandb'))
+    # the results tooling turns the run into a results/ record
+    res = tmp_path / 'results'
+    subprocess.run([sys.executable, str(REPO / 'tools' / 'collect_results.py'), str(out), '--out', str(res)],
+                   check=True, capture_output=True, cwd=REPO)
+    rec = json.loads((res / 'digits_lt_deit_lt.json').read_text())
+    assert rec['kind'] == 'student' and rec['dataset'] == 'digits_lt' and rec['git_commit']
+    assert rec['last']['avg']['top1'] == pytest.approx(avg['top1'], abs=0.01) and rec['wall_time_s'] > 0
+    assert rec['config']['model']['name'] == 'deit_micro_distilled_patch2_8' and rec['machine']['cpu_count'] >= 1
     from deit_lt.models import create_model_from_checkpoint
     model, meta = create_model_from_checkpoint(out / 'last.safetensors')
     assert meta['kind'] == 'student' and meta['num_classes'] == 10 and meta['in_chans'] == 1
