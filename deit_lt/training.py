@@ -266,7 +266,14 @@ def train(cfg: TrainConfig, accelerator) -> dict:
             save_state(f'epoch{st.epoch:05d}-update{st.updates:08d}')
 
     max_updates = cfg.runtime.max_steps
-    last_report = None
+    last_report, evaluated_at = None, -1
+
+    def run_eval() -> dict:
+        nonlocal last_report, evaluated_at
+        last_report = {k: evaluate(model, b, groups, num_classes, autocast=accelerator.autocast, gather=gather)
+                       for k, b in evals.items()}
+        evaluated_at = state.updates
+        return last_report
     t_start = time.time()
     progress = None
     while state.epoch < cfg.optim.epochs:
@@ -289,9 +296,7 @@ def train(cfg: TrainConfig, accelerator) -> dict:
             state.epoch, state.step = epoch + 1, 0
         final_epoch = state.epoch >= cfg.optim.epochs
         if epoch_done and ((epoch + 1) % cfg.runtime.eval_every == 0 or final_epoch):
-            reports = {k: evaluate(model, b, groups, num_classes, autocast=accelerator.autocast, gather=gather)
-                       for k, b in evals.items()}
-            last_report = reports
+            reports = run_eval()
             head = 'avg' if distilled else 'logits'
             sel = reports[select_on][head]['top1']
             record = {'epoch': epoch, 'updates': state.updates, 'time_s': round(time.time() - t_start, 1),
@@ -318,6 +323,8 @@ def train(cfg: TrainConfig, accelerator) -> dict:
         if stopped:
             break
 
+    if evaluated_at != state.updates:   # stopped inside an epoch: the final weights have not been evaluated yet
+        run_eval()
     result = {'name': cfg.name, 'kind': 'student', 'epochs_done': state.epoch, 'updates': state.updates,
               'best': best, 'wall_time_s': round(time.time() - t_start, 1) + elapsed_before,
               'world_size': world, 'device': str(device), 'mixed_precision': accelerator.mixed_precision,

@@ -163,11 +163,12 @@ def test_teacher_with_other_class_count_is_refused(tmp_path, digits_teacher):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     out = tmp_path / 'nan'
-    base = ['--config', str(REPO / 'configs' / 'digits_lt' / 'vit.yaml'), 'optim.epochs=3', 'wandb.mode=disabled',
-            'runtime.progress=false', 'runtime.log_every=5', f'runtime.output_dir={out}']
-    run_train(base + ['runtime.max_steps=34'])          # one epoch of 34 updates, checkpointed at its end
+    base = ['--config', str(REPO / 'configs' / 'digits_lt' / 'vit.yaml'), 'wandb.mode=disabled',
+            'runtime.progress=false', 'runtime.log_every=5', f'runtime.output_dir={out}', 'optim.warmup_epochs=0']
+    run_train(base + ['optim.epochs=1'])                # one good epoch, checkpointed at its end
     latest = (out / 'checkpoints' / 'latest').read_text().strip()
-    r = run_train(base + ['runtime.resume=auto', 'optim.lr=1e30', 'optim.warmup_epochs=0'], check=False)
+    # continue for two more epochs with an absurd learning rate: the loss becomes non-finite
+    r = run_train(base + ['optim.epochs=3', 'runtime.resume=auto', 'optim.lr=1e30'], check=False)
     assert r.returncode != 0 and 'non-finite' in r.stderr, r.stderr[-2000:]
     assert (out / 'checkpoints' / 'latest').read_text().strip() == latest
     from deit_lt.checkpoint import load_training_state

@@ -42,9 +42,12 @@ def main(argv=None) -> int:
         accelerator.end_training()
         return 1
     if accelerator.is_main_process and 'last' in result:
-        print(format_report_table(result['last']['test'], f'final ({cfg.name}, epoch {result["epochs_done"] - 1})'))
-        print(f'best {result["best"]["predictor"].upper()} top-1 on {result["best"]["select_on"]}: '
-              f'{result["best"]["top1"]:.2f} (epoch {result["best"]["epoch"]}); outputs in {cfg.runtime.output_dir}')
+        print(format_report_table(result['last']['test'], f'final ({cfg.name}, after {result["updates"]} updates)'))
+        best = result['best']
+        if best.get('epoch', -1) >= 0:
+            print(f'best {best["predictor"].upper()} top-1 on {best["select_on"]}: {best["top1"]:.2f} '
+                  f'(epoch {best["epoch"]})')
+        print(f'outputs in {cfg.runtime.output_dir}')
     accelerator.end_training()
     return 0
 
