@@ -124,7 +124,7 @@ def train_one_epoch(model: nn.Module, criterion: DistillationLoss, batches: Trai
     t_log, n_log = time.perf_counter(), 0
     out: dict[str, float] = {}
 
-    def flush(final: bool) -> None:
+    def flush() -> None:
         nonlocal window_count, t_log, n_log
         if bad.item():  # the one host sync of the log interval
             raise NonFiniteLossError(f'non-finite training loss in epoch {state.epoch} before optimizer update '
@@ -190,12 +190,12 @@ def train_one_epoch(model: nn.Module, criterion: DistillationLoss, batches: Trai
             scheduler.step_update(state.updates)
             last = state.step == n_steps or (max_updates is not None and state.updates >= max_updates)
             if state.updates % log_every == 0 or last:
-                flush(final=last)
+                flush()
             if on_update is not None:
                 on_update(state)
             if max_updates is not None and state.updates >= max_updates:
                 break
-    flush(final=True)
+    flush()
     n = max(out.pop('_n', 0), 1)
     return {k: v / n for k, v in out.items()} | {'steps': count}
 

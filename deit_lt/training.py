@@ -7,12 +7,10 @@ file, image size against the model, batch against the dataset, the DRW epoch aga
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import timm
 import torch
 from timm.data import Mixup

@@ -1,7 +1,6 @@
 """Configs: YAML with bases, dotted overrides, type coercion, unknown keys, saving; every shipped config loads."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import yaml
@@ -70,7 +69,6 @@ def _shipped_configs():
 
 
 def test_every_shipped_student_config_loads():
-    from deit_lt.config import load_yaml_with_bases
     found = 0
     for path in _shipped_configs():
         rel = path.relative_to(REPO / 'configs')
