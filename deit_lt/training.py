@@ -88,7 +88,7 @@ def _check_config(cfg: TrainConfig) -> None:
 
 def _load_teacher(cfg: TrainConfig, num_classes: int, in_chans: int, student_norm, device, channels_last: bool,
                   class_map=None):
-    from teachers import load_teacher  # the teacher package registers the CIFAR ResNets
+    from .models.teacher import load_teacher
     tc = cfg.teacher
     if not Path(tc.checkpoint).is_file():
         raise ConfigurationError(f'teacher checkpoint not found: {tc.checkpoint}')

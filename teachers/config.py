@@ -157,7 +157,7 @@ def validate_config(cfg: TeacherTrainConfig) -> None:
         errors.append(f'model.img_size must be >= 1, got {cfg.model.img_size}')
     if errors:
         raise ConfigError('invalid teacher config:\n  - ' + '\n  - '.join(errors))
-    from .factory import check_arch   # late: importing the factory registers the teacher models in timm
+    from deit_lt.models.cnn import check_arch   # late: importing the factory registers the teacher models in timm
     try:
         check_arch(cfg.model.arch)
     except ValueError as e:

@@ -32,9 +32,9 @@ from deit_lt.tracking import RunLogger, plot_per_class_accuracy
 
 from .config import _FP16_SAM, TeacherTrainConfig, validate_config
 from .engine import train_one_epoch
-from .factory import create_teacher_model, display_arch
+from deit_lt.models.cnn import create_teacher_model, display_arch
 from .losses import TeacherLoss
-from .normed_linear import COSINE_LOGIT_SCALE
+from deit_lt.models.layers.normed_linear import COSINE_LOGIT_SCALE
 from .optim import base_optimizer, create_lr_scheduler, create_optimizer, sam_rho, set_rho
 
 __all__ = ['train_teacher', 'format_teacher_report']

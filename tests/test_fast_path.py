@@ -12,7 +12,7 @@ import timm
 import torch
 
 import deit_lt.models  # noqa: F401
-import teachers  # noqa: F401  (registers resnet32)
+import deit_lt.models  # noqa: F401  (registers resnet32)
 from conftest import REPO
 from deit_lt.config import AugConfig, DataConfig
 from deit_lt.data import create_datasets

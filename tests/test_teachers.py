@@ -26,11 +26,14 @@ from torch import nn
 from deit_lt.checkpoint import CheckpointError, save_model_file
 from deit_lt.data.lt_datasets import lt_class_counts
 from deit_lt.models.factory import create_model_from_meta
-from teachers import NormedLinear, TeacherLoss, create_teacher_model, ldam_margins, load_teacher
+from deit_lt.models.cnn import create_teacher_model
+from deit_lt.models.layers import NormedLinear
+from deit_lt.models.teacher import load_teacher
+from teachers import TeacherLoss, ldam_margins
 from teachers.config import SamConfig, TeacherOptimConfig
 from teachers.engine import sam_update
 from teachers.optim import create_lr_scheduler, create_optimizer, sam_rho, set_rho
-from teachers.resnet_cifar import ZeroPadShortcut
+from deit_lt.models.resnet_cifar import ZeroPadShortcut
 
 
 @pytest.fixture(autouse=True)

@@ -140,7 +140,7 @@ def test_distillation_run_with_our_teacher(tmp_path, digits_teacher):
     from deit_lt.data import create_datasets
     from deit_lt.data.pipeline import create_eval_batches
     from deit_lt.models import create_model_from_checkpoint, model_outputs
-    from teachers import load_teacher
+    from deit_lt.models.teacher import load_teacher
     student, meta = create_model_from_checkpoint(out / 'last.safetensors')
     teacher, _ = load_teacher(digits_teacher, num_classes=10, in_chans=1)
     test = create_datasets(DataConfig(name='digits_lt', imb_factor=10, val_per_class=20))['test']

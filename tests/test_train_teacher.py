@@ -26,7 +26,7 @@ from deit_lt.data import create_datasets
 from deit_lt.data.pipeline import create_eval_batches
 from deit_lt.eval import evaluate
 from deit_lt.models.factory import create_model_from_checkpoint
-from teachers import load_teacher
+from deit_lt.models.teacher import load_teacher
 from teachers.config import TeacherTrainConfig, validate_config
 from teachers.optim import sam_rho
 from teachers.train import train_teacher

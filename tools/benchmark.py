@@ -63,7 +63,7 @@ def measure(path: str, args) -> dict:
     from timm.scheduler import CosineLRScheduler
 
     import deit_lt.models  # noqa: F401
-    import teachers  # noqa: F401
+    import deit_lt.models  # noqa: F401
     from deit_lt.config import AugConfig
     from deit_lt.data.pipeline import create_train_batches
     from deit_lt.data.samplers import create_sampler

@@ -1,3 +1,3 @@
-"""Student models (registered in timm) and building any model back from a deit-lt checkpoint."""
-from . import deit  # noqa: F401  (registers the small-image students in timm's registry)
+"""Models: students and CNN teachers registered in timm, teacher loading, and rebuilding any model from a checkpoint."""
+from . import cnn, deit, resnet_cifar  # noqa: F401  (register the students, the CIFAR ResNets and cosine_cnn in timm)
 from .factory import create_model_from_checkpoint, create_model_from_meta, is_distilled, model_outputs

@@ -50,8 +50,7 @@ def model_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def _register_all() -> None:
-    from . import deit  # noqa: F401
-    import teachers  # noqa: F401  (registers the CIFAR ResNets)
+    from . import cnn, deit  # noqa: F401  (registers the students, the CIFAR ResNets and cosine_cnn)
 
 
 def create_model_from_meta(meta: dict[str, Any], **overrides) -> nn.Module:

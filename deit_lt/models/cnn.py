@@ -17,7 +17,7 @@ import timm
 from timm.models import register_model
 from torch import nn
 
-from .normed_linear import NormedLinear
+from .layers.normed_linear import NormedLinear
 from . import resnet_cifar  # noqa: F401  (registers resnet32)
 
 __all__ = ['create_teacher_model', 'check_arch', 'cosine_cnn', 'display_arch', 'has_cosine_head',

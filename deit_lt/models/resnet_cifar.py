@@ -20,7 +20,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SelectAdaptivePool2d, get_norm_layer
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .normed_linear import NormedLinear
+from .layers.normed_linear import NormedLinear
 
 __all__ = ['ResNetCifar', 'BasicBlock', 'ZeroPadShortcut']
 

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from deit_lt.checkpoint import CheckpointError, load_model_file, read_model_meta
-from deit_lt.models.factory import create_model_from_meta, load_state_dict_checked
+from ..checkpoint import CheckpointError, load_model_file, read_model_meta
+from .factory import create_model_from_meta, load_state_dict_checked
 
-from .factory import create_teacher_model, display_arch, has_cosine_head
-from .normed_linear import COSINE_LOGIT_SCALE
+from .cnn import create_teacher_model, display_arch, has_cosine_head
+from .layers.normed_linear import COSINE_LOGIT_SCALE
 
 __all__ = ['load_teacher', 'read_state_dict', 'TEACHER_FORMATS']
 
