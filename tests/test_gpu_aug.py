@@ -325,7 +325,7 @@ def test_rand_augment_sampling_matches_timm(spec):
         neg, used = [], []
         for i, nm in enumerate(names):
             centre = 1.0 if nm.endswith('Increasing') and not nm.startswith(('Posterize', 'Solarize')) else 0.0
-            if nm in gpu_aug._GEOMETRIC_OPS or centre == 1.0:
+            if nm in gpu_aug.GEOMETRIC_OPS or centre == 1.0:
                 a = s['arg'][s['applied'] & (s['op'] == i)]
                 a = a[a != centre]
                 neg.append((a < centre).sum())
@@ -363,8 +363,8 @@ def test_weighted_rand_augment_matches_timm():
 # RandAugment: pixels, op by op, against timm's PIL functions
 # --------------------------------------------------------------------------------------------------------------
 
-_EXACT_OPS = sorted(gpu_aug.SUPPORTED_OPS - gpu_aug._GEOMETRIC_OPS)
-_GEOMETRIC_OPS = sorted(gpu_aug._GEOMETRIC_OPS)
+_EXACT_OPS = sorted(gpu_aug.SUPPORTED_OPS - gpu_aug.GEOMETRIC_OPS)
+_GEOMETRIC_OPS = sorted(gpu_aug.GEOMETRIC_OPS)
 
 
 def _timm_op_output(name, magnitude, sign, pil_images, interpolation, monkeypatch):
