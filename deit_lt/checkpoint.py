@@ -23,16 +23,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from .errors import CheckpointError
+
 __all__ = ['CheckpointError', 'clean_state_dict', 'save_model_file', 'load_model_file', 'read_model_meta',
-           'save_training_state', 'load_training_state', 'latest_checkpoint', 'atomic_write_text',
-           'atomic_torch_save']
+           'save_training_state', 'load_training_state', 'latest_checkpoint', 'atomic_write_text']
 
 META_KEY = 'deit_lt'
 FORMAT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, truncated, corrupt or does not fit the model/data."""
 
 
 def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -52,13 +49,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    torch.save(obj, tmp)
     os.replace(tmp, path)
 
 

@@ -21,28 +21,27 @@ from typing import Any, Iterable, Literal, Union, get_args, get_origin
 
 import yaml
 
+from .errors import ConfigError
+
 __all__ = [
-    'ConfigError', 'DataConfig', 'AugConfig', 'ModelConfig', 'TeacherConfig', 'DistillConfig', 'OptimConfig',
-    'RuntimeConfig', 'WandbConfig', 'TrainConfig', 'load_config', 'load_yaml_with_bases', 'apply_overrides',
-    'from_dict', 'to_dict', 'save_config',
+    'ConfigError', 'DataConfig', 'EvalAugConfig', 'AugConfig', 'MixAugConfig', 'EvalRuntimeConfig', 'RuntimeConfig',
+    'WandbConfig', 'OptimConfig', 'ModelConfig', 'TeacherConfig', 'DistillConfig', 'TrainConfig', 'load_config',
+    'load_yaml_with_bases', 'apply_overrides', 'from_dict', 'to_dict', 'save_config',
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
-
-
 # --------------------------------------------------------------------------------------------------------------
-# Sections shared by every tool
+# Sections shared by every tool. A key means the same thing in every tool that reads it; a tool's schema holds
+# only the keys it reads (a subclass below changes defaults, or adds the keys of one recipe).
 # --------------------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class DataConfig:
     """Which long-tailed dataset, where it is, and how classes are grouped into head / mid / tail."""
-    # cifar10_lt | cifar100_lt | imagenet_lt | inat2018 | places_lt | image_list | digits_lt
+    # cifar10_lt | cifar100_lt | imagenet_lt | inat2018 | places_lt | image_list | image_folder | digits_lt
     name: str = 'cifar10_lt'
     # Folder holding the data: `cifar-10-batches-py/`, `cifar-100-python/`, `cifar10_jpeg.npz` (or the .npz path
     # itself) for CIFAR; the image root for list-file datasets. Not needed for digits_lt.
@@ -74,53 +73,75 @@ class DataConfig:
 
 
 @dataclasses.dataclass
-class AugConfig:
-    """Training and evaluation augmentation (the DeiT recipe by default)."""
-    crop: Literal['rrc', 'pad_crop', 'none'] = 'rrc'  # RandomResizedCrop | pad-and-crop (CIFAR CNNs) | none
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    padding: int = 4                    # pad_crop only
-    hflip: float = 0.5
+class EvalAugConfig:
+    """The evaluation transform (resize, centre crop, normalise) and where it runs."""
     interpolation: Literal['bilinear', 'bicubic'] = 'bicubic'
-    rand_augment: str | None = 'rand-m9-mstd0.5-inc1'   # timm RandAugment spec, null = off
-    color_jitter: float | None = None   # ignored when rand_augment is set (timm behaviour)
-    re_prob: float = 0.25               # random erasing probability
-    re_mode: Literal['pixel', 'rand', 'const'] = 'pixel'
-    re_count: int = 1
-    mixup: float = 0.8                  # Mixup alpha (0 = off)
-    cutmix: float = 1.0                 # CutMix alpha (0 = off)
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    mixup_mode: Literal['batch', 'pair', 'elem'] = 'batch'
-    smoothing: float = 0.1              # label smoothing inside the mixed targets
-    repeated_aug: int = 3               # repeated augmentation (RASampler) repeats; 1 = off
     eval_crop_pct: float | None = None  # eval: resize to size/crop_pct then centre crop; default 0.875 at 224
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     # Where augmentation runs: 'device' (dataset held decoded on the device, batched augmentation there),
     # 'loader' (per-image PIL augmentation in DataLoader workers), 'auto' (device for in-memory datasets).
     placement: Literal['auto', 'device', 'loader'] = 'auto'
-    num_workers: int = 8                # loader placement only
+    num_workers: int | None = None      # loader placement: worker processes (default: the cores per process, <= 8)
 
 
 @dataclasses.dataclass
-class RuntimeConfig:
-    """Devices, precision, speed switches, outputs and checkpoints."""
+class AugConfig(EvalAugConfig):
+    """Training augmentation of one image (the DeiT recipe by default) and repeated augmentation."""
+    crop: Literal['rrc', 'pad_crop', 'none'] = 'rrc'  # RandomResizedCrop | pad-and-crop (CIFAR CNNs) | none
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    padding: int = 4                    # pad_crop only
+    hflip: float = 0.5
+    rand_augment: str | None = 'rand-m9-mstd0.5-inc1'   # timm RandAugment spec, null = off
+    color_jitter: float | None = None   # only without rand_augment (timm behaviour)
+    re_prob: float = 0.25               # random erasing probability
+    re_mode: Literal['pixel', 'rand', 'const'] = 'pixel'
+    re_count: int = 1
+    # Which images an epoch visits (Kang et al., ICLR 2020): 'instance' (each once; with repeated_aug > 1 DeiT's
+    # repeated augmentation), 'class_balanced', 'sqrt' (square-root), 'progressive' (instance -> balanced).
+    sampler: Literal['instance', 'class_balanced', 'sqrt', 'progressive'] = 'instance'
+    samples_per_class: int = 4          # class_balanced: consecutive images per visit of a class
+    repeated_aug: int = 3               # repeated augmentation (RASampler) repeats; 1 = off
+
+
+@dataclasses.dataclass
+class MixAugConfig(AugConfig):
+    """`AugConfig` plus the batch-level mixing of the DeiT recipe (Mixup / CutMix with label smoothing)."""
+    mixup: float = 0.8                  # Mixup alpha (0 = off)
+    cutmix: float = 1.0                 # CutMix alpha (0 = off)
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: Literal['batch', 'pair', 'elem'] = 'batch'
+    smoothing: float = 0.1              # label smoothing inside the mixed targets
+
+
+@dataclasses.dataclass
+class EvalRuntimeConfig:
+    """Device, precision and outputs of a tool that only evaluates or fits on frozen features."""
     seed: int = 0
     output_dir: str = 'runs/default'
     cpu: bool = False                   # force CPU even when a GPU is present
     mixed_precision: Literal['auto', 'no', 'bf16', 'fp16'] = 'auto'   # auto: bf16 on GPU (fp16 without bf16)
-    compile: Literal['auto', 'on', 'off'] = 'auto'    # torch.compile the training step model (auto: on GPU)
-    channels_last: bool = True          # CNNs (teacher) in channels-last memory format on GPU
-    eval_every: int = 1                 # epochs between evaluations (the last epoch is always evaluated)
-    save_every: int = 1                 # epochs between resumable checkpoints
-    save_every_steps: int = 0           # also checkpoint every N optimizer steps inside an epoch (0 = off)
-    keep_checkpoints: int = 1           # resumable checkpoints kept besides best / final
-    resume: str | None = None           # 'auto' (latest in output_dir, if any) or a checkpoint folder
-    log_every: int = 50                 # optimizer steps between console / W&B scalars (the only host syncs)
-    max_steps: int | None = None        # stop after this many optimizer steps (tests, smoke runs)
     eval_batch_size: int = 256
-    progress: bool = True               # console progress bar
+    progress: bool = True               # progress bar on a terminal, periodic progress lines otherwise
+
+
+@dataclasses.dataclass
+class RuntimeConfig(EvalRuntimeConfig):
+    """`EvalRuntimeConfig` plus what a training run needs: speed switches, evaluation cadence, checkpoints."""
+    compile: Literal['auto', 'on', 'off'] = 'auto'    # torch.compile the training step model (auto: on GPU)
+    channels_last: bool = True          # CNNs in channels-last memory format on GPU
+    eval_every: int = 1                 # epochs between evaluations (the last epoch is always evaluated)
+    # Split that picks `best.safetensors`: 'auto' = val when the data has a validation split, else test (what the
+    # published code does: DeiT-LT and Saddle-LongTail select on the test set).
+    select_on: Literal['auto', 'val', 'test'] = 'auto'
+    save_every: int = 1                 # epochs between resumable checkpoints
+    save_every_steps: int = 0           # also checkpoint every N optimizer updates inside an epoch (0 = off)
+    keep_checkpoints: int = 1           # resumable checkpoints kept besides best / last
+    resume: str | None = None           # 'auto' (latest in output_dir, if any) or a checkpoint folder
+    log_every: int = 50                 # optimizer updates between train scalars (the only host syncs)
+    max_steps: int | None = None        # stop after this many optimizer updates (tests, smoke runs)
 
 
 @dataclasses.dataclass
@@ -132,6 +153,40 @@ class WandbConfig:
     name: str | None = None
     tags: list[str] = dataclasses.field(default_factory=list)
     dir: str | None = None              # default: the run's output_dir
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule of every training recipe.
+
+    `batch_size` is the GLOBAL batch of one optimizer update: all processes together, all `accum_steps`
+    micro-batches together. Each process runs micro-batches of batch_size / (processes x accum_steps) images, so the
+    recipe (and its learning rate) does not change with the number of GPUs.
+    """
+    opt: str = 'adamw'                  # any timm optimizer name (adamw, sgd, ...)
+    lr: float = 2.5e-4                  # peak lr, for a global batch of `lr_base_batch` (null: as given)
+    lr_base_batch: int | None = 1024    # lr scales linearly with batch_size / lr_base_batch
+    weight_decay: float = 0.05
+    # false (timm / DeiT): no decay on norms, biases, position embedding and tokens; true (LDAM-DRW / Saddle-LongTail
+    # CNN teachers): decay on every parameter. Layers may exempt their own (APA's kappa / lambda).
+    decay_norm_and_bias: bool = False
+    momentum: float = 0.9               # SGD only
+    nesterov: bool = False              # SGD only
+    clip_grad: float | None = None
+    fused: bool | None = None           # fused AdamW / SGD kernel (default: on GPU)
+    epochs: int = 1200
+    batch_size: int = 1024              # global batch per optimizer update (see the class docstring)
+    accum_steps: int = 4                # micro-batches per optimizer update (gradient accumulation)
+    sched: Literal['cosine', 'multistep', 'constant'] = 'cosine'
+    sched_unit: Literal['update', 'epoch'] = 'update'   # the lr changes after every update, or once per epoch
+    warmup_epochs: float = 5            # linear warmup length (epochs)
+    # Warmup start. null: lr / warmup_epochs, so that epoch e (0-based) of an epoch-wise warmup runs at
+    # lr * (e + 1) / warmup_epochs (LDAM-DRW / Saddle-LongTail); a number: start there (DeiT: 1e-6).
+    warmup_lr: float | None = 1e-6
+    warmup_prefix: bool = False         # cosine: false = over the whole schedule (timm, DeiT); true = after warmup
+    min_lr: float = 1e-5                # cosine: the final lr
+    milestones: list[int] = dataclasses.field(default_factory=list)   # multistep: epochs where lr x= decay_rate
+    decay_rate: float = 0.1             # multistep
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -163,7 +218,13 @@ class TeacherConfig:
     mean: tuple[float, ...] | None = None   # normalisation the teacher was trained with (default: the student's)
     std: tuple[float, ...] | None = None
     map_targets: bool = False           # map the teacher's class ids through the sorted-class map (PaCo IN-LT/iNat)
-    logit_scale: float | None = None    # multiply logits (LDAM cosine heads: 30) before soft distillation
+    # Multiply the teacher's logits before soft distillation. null: 1, the raw outputs as the official code uses them
+    # (an LDAM teacher's cosines); 'auto': the scale recorded in the teacher's file (30 for an LDAM cosine head); or a
+    # number. Hard distillation (argmax) ignores it.
+    logit_scale: float | Literal['auto'] | None = None
+    # Multi-expert teachers (RIDE) with a trained router: distil from the experts the router picks per image
+    # instead of the full ensemble.
+    routed: bool = False
 
 
 @dataclasses.dataclass
@@ -172,28 +233,9 @@ class DistillConfig:
     type: Literal['hard', 'soft', 'none'] = 'hard'   # none: DIST head learns the ground truth (no teacher)
     alpha: float = 0.5                  # L = (1 - alpha) * L_cls + alpha * L_dist
     tau: float = 1.0                    # soft distillation temperature
-    drw_epoch: int | None = 1100        # from this epoch on, DIST CE is class-balanced re-weighted; null = never
+    drw_epoch: int | None = 1100        # from this (0-based) epoch on the DIST term is re-weighted; null = never
     beta: float = 0.9999                # effective-number beta of the DRW weights
     no_mixup_drw: bool = True           # after drw_epoch: no Mixup/CutMix, CLS on plain CE (CIFAR recipe)
-
-
-@dataclasses.dataclass
-class OptimConfig:
-    """Optimizer and learning-rate schedule."""
-    opt: str = 'adamw'
-    lr: float = 2.5e-4                  # peak lr at the global batch `lr_base_batch`; scaled linearly
-    lr_base_batch: int = 1024           # global batch (per device x devices x accumulation) the lr is given for
-    weight_decay: float = 0.05
-    momentum: float = 0.9               # SGD only
-    clip_grad: float | None = None
-    epochs: int = 1200
-    sched: Literal['cosine', 'constant'] = 'cosine'
-    warmup_epochs: float = 5
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
-    batch_size: int = 128               # per device, per micro-batch
-    accum_steps: int = 4                # gradient accumulation
-    fused: bool | None = None           # fused AdamW kernel (default: on GPU)
 
 
 @dataclasses.dataclass
@@ -204,7 +246,7 @@ class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
-    aug: AugConfig = dataclasses.field(default_factory=AugConfig)
+    aug: MixAugConfig = dataclasses.field(default_factory=MixAugConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
     wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)

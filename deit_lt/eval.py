@@ -1,8 +1,10 @@
-"""Evaluation: CLS, DIST and their average for students; the logits of single-head models (teachers, ViT).
+"""Evaluation of any model the project builds, with one report format for every tool.
 
-DeiT-LT reports three predictors of a distilled student: the CLS head, the DIST head and AVG = (z_cls + z_dist) / 2
-(raw logits averaged), each with top-1/top-5 and head/mid/tail accuracy (mean per-class accuracy in each group).
-Under several processes every rank evaluates its shard; only top-k ids and confidences are gathered.
+Predictors (`deit_lt.models.factory.model_predictors`): a distilled student gives CLS, DIST and AVG =
+(z_cls + z_dist) / 2 (raw logits averaged, as DeiT-LT reports); a multi-expert CNN gives the ensemble ('logits')
+and each expert ('expert0', ...); any other model its logits. Each predictor gets top-1/top-5, head/mid/tail
+(mean per-class accuracy inside each group), per-class accuracy, ECE and the confusion matrix. Under several
+processes every rank evaluates its shard and only top-k ids and confidences are gathered.
 """
 from __future__ import annotations
 
@@ -14,64 +16,84 @@ from torch import nn
 
 from .data.pipeline import EvalBatches
 from .metrics import report_from_topk
-from .models.factory import is_distilled, model_outputs
+from .models.factory import model_predictors
+from .progress import Progress
 
-__all__ = ['collect_predictions', 'evaluate', 'summary_row']
+__all__ = ['collect_predictions', 'evaluate', 'compact_report', 'format_report', 'HEADLINE_METRICS']
+
+HEADLINE_METRICS = ('top1', 'top5', 'head', 'mid', 'tail')
 
 
 @torch.no_grad()
 def collect_predictions(model: nn.Module, batches: EvalBatches, *, k: int = 5,
                         autocast: Callable[[], ContextManager] | None = None,
-                        gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[dict, torch.Tensor]:
+                        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                        progress: Progress | None = None) -> tuple[dict, torch.Tensor]:
     """Run `model` over `batches` in eval mode.
 
     Returns ({predictor: (top-k ids (N, k), max-softmax confidence (N,))}, targets (N,)) on the CPU, in dataset
-    order. Predictors: 'cls', 'dist', 'avg' for distilled students, 'logits' otherwise.
+    order.
     """
     was_training = model.training
     model.eval()
-    distilled = is_distilled(model)
-    names = ('cls', 'dist', 'avg') if distilled else ('logits',)
-    parts: dict[str, list] = {n: [] for n in names}
+    parts: dict[str, list] = {}
     targets = []
     ctx = autocast or contextlib.nullcontext
     try:
         for x, y in batches:
             with ctx():
-                if distilled:
-                    z_cls, z_dist = model_outputs(model, x)
-                    outs = {'cls': z_cls, 'dist': z_dist, 'avg': (z_cls + z_dist) / 2}
-                else:
-                    outs = {'logits': model(x)}
-            for n, z in outs.items():
+                outs = model_predictors(model, x)
+            for name, z in outs.items():
                 z = z.float()
-                parts[n].append((z.topk(min(k, z.shape[1]), dim=1).indices, z.softmax(1).amax(1)))
+                parts.setdefault(name, []).append((z.topk(min(k, z.shape[1]), dim=1).indices, z.softmax(1).amax(1)))
             targets.append(y)
+            if progress is not None:
+                progress.update()
     finally:
         model.train(was_training)
     gather = gather or (lambda t: t)
     n_total = batches.num_total
     preds = {}
-    for n in names:
-        top = gather(torch.cat([p[0] for p in parts[n]]))[:n_total].cpu()
-        conf = gather(torch.cat([p[1] for p in parts[n]]))[:n_total].cpu()
-        preds[n] = (top, conf)
+    for name, items in parts.items():
+        top = gather(torch.cat([p[0] for p in items]))[:n_total].cpu()
+        conf = gather(torch.cat([p[1] for p in items]))[:n_total].cpu()
+        preds[name] = (top, conf)
     return preds, gather(torch.cat(targets))[:n_total].cpu()
 
 
 def evaluate(model: nn.Module, batches: EvalBatches, groups: Mapping[str, Sequence[int]], num_classes: int, *,
              autocast: Callable[[], ContextManager] | None = None,
-             gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
-    """Full report per predictor (see `metrics.report_from_topk`), plus CLS/DIST agreement for students."""
-    preds, targets = collect_predictions(model, batches, autocast=autocast, gather=gather)
+             gather: Callable[[torch.Tensor], torch.Tensor] | None = None, desc: str = 'eval',
+             show_progress: bool = False) -> dict:
+    """Full report per predictor (`metrics.report_from_topk`), the CLS/DIST agreement of students (% of images on
+    which the two heads predict the same class) and the number of images."""
+    with Progress(len(batches), desc, unit='batch', enabled=show_progress) as progress:
+        preds, targets = collect_predictions(model, batches, autocast=autocast, gather=gather, progress=progress)
     report = {n: report_from_topk(top, conf, targets, num_classes, groups) for n, (top, conf) in preds.items()}
-    if 'cls' in preds:
+    if 'cls' in preds and 'dist' in preds:
         report['agreement'] = 100.0 * (preds['cls'][0][:, 0] == preds['dist'][0][:, 0]).double().mean().item()
     report['num_samples'] = int(len(targets))
     return report
 
 
-def summary_row(report: dict, predictor: str) -> dict[str, float]:
-    """The headline numbers of one predictor: top1, top5, head, mid, tail."""
-    r = report[predictor]
-    return {k: r[k] for k in ('top1', 'top5', 'head', 'mid', 'tail')}
+def compact_report(report: dict) -> dict:
+    """A report without confusion matrices (for logs, checkpoint metadata and report.json)."""
+    return {k: ({kk: vv for kk, vv in v.items() if kk != 'confusion'} if isinstance(v, dict) else v)
+            for k, v in report.items()}
+
+
+def _cell(v) -> str:
+    return f'{v:8.2f}' if isinstance(v, (int, float)) and v == v else f'{"-":>8}'
+
+
+def format_report(report: dict, title: str = '') -> str:
+    """Console table of one split's report: a row per predictor with top-1 / top-5 / head / mid / tail; groups
+    without classes print as '-'."""
+    lines = [title] if title else []
+    lines.append(f'  {"predictor":<10}' + ''.join(f'{m:>8}' for m in HEADLINE_METRICS))
+    for name, r in report.items():
+        if isinstance(r, dict):
+            lines.append(f'  {name.upper():<10}' + ''.join(_cell(r.get(m)) for m in HEADLINE_METRICS))
+    if 'agreement' in report:
+        lines.append(f'  CLS-DIST agreement {report["agreement"]:.1f}%')
+    return '\n'.join(lines)

@@ -1,7 +1,7 @@
 """DeiT-LT distillation loss and the class-balanced (effective-number) weights used by DRW.
 
 Rangwani et al., "DeiT-LT: Distillation Strikes Back for Vision Transformer Training on Long-Tailed Datasets",
-CVPR 2024 (project-page equations; official `losses.py` / `main.py`):
+CVPR 2024 (project-page equations; official code val-iisc/DeiT-LT@bc36970 `losses.py`, `main.py` 97-101):
 
     L = (1 - alpha) * L_cls + alpha * L_dist,          alpha = 0.5
     L_cls  = CE(z_cls, y)                              y: mixed, label-smoothed targets (or hard labels)
@@ -42,22 +42,29 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> to
     return -(targets * F.log_softmax(logits, dim=-1)).sum(-1)
 
 
-def _weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    if weights is None:
-        return values.mean()
-    return (values * weights).sum() / weights.sum()
-
-
 class DistillationLoss(nn.Module):
-    """The DeiT-LT objective for a student with CLS and DIST heads.
+    """The DeiT-LT objective for a student with CLS and DIST heads, equal to the official computation in every mode
+    (val-iisc/DeiT-LT@bc36970 `losses.py` DistillationLoss.forward; facebookresearch/deit `losses.py`).
+
+    L = (1 - alpha) * L_cls + alpha * L_dist, L_cls = CE(z_cls, y) with y the mixed, smoothed targets or labels, and
+    L_dist by `distill`:
+
+    - 'hard': CE(z_dist, t), t = argmax of the teacher's logits; from `drw_epoch` on the class-weighted mean
+      sum_i w_{t_i} CE_i / sum_i w_{t_i} (PyTorch's `cross_entropy(weight=w)`), weights of the teacher's class.
+    - 'soft': KL(softmax(z_t / T) || softmax(z_dist / T)) summed over the batch and the classes, times T^2, divided
+      by B x C (the "legacy" scaling of DeiT, facebookresearch/deit issue 61). From `drw_epoch` on, the teacher's
+      log-probabilities are multiplied by the class weights and divided by their per-sample sum before the KL, as
+      the official code does (the result is not a log-distribution; its `exp` is what the KL compares against).
+    - 'none': the DIST head learns the ground truth: soft-target CE averaged over the batch; from `drw_epoch` on
+      PyTorch's `cross_entropy(weight=w)` on the same targets: the weighted mean over samples for labels, and for
+      probability targets sum_i sum_c w_c y_ic (-log p_ic) / B.
 
     Args:
         train_counts: (C,) training images per class (the DRW weights come from these).
-        distill: 'hard' (DIST learns the teacher's argmax), 'soft' (KL to the teacher's tempered distribution,
-            times tau^2, per-sample and averaged) or 'none' (DIST learns the ground truth: the two-token baseline).
+        distill: 'hard', 'soft' or 'none'.
         alpha: weight of the DIST term.
-        tau: temperature for soft distillation.
-        drw_epoch: first epoch with class-balanced weights on the DIST term (None = never).
+        tau: temperature of soft distillation.
+        drw_epoch: first (0-based) epoch with class-balanced weights on the DIST term (None = never).
         beta: effective-number beta.
     """
 
@@ -79,40 +86,38 @@ class DistillationLoss(nn.Module):
         """DRW switches on at `drw_epoch` (the criterion is rebuilt per epoch in the official code)."""
         self.drw_active = self.drw_epoch is not None and epoch >= self.drw_epoch
 
-    def _cls_term(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-sample CE against probability targets (B, C) or hard labels (B,)."""
+    @staticmethod
+    def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean CE against probability targets (B, C) or labels (B,)."""
         if targets.ndim == 2:
-            return soft_target_cross_entropy(logits, targets)
-        return F.cross_entropy(logits, targets, reduction='none')
+            return soft_target_cross_entropy(logits, targets).mean()
+        return F.cross_entropy(logits, targets)
 
     def forward(self, cls_logits: torch.Tensor, dist_logits: torch.Tensor | None, targets: torch.Tensor,
                 teacher_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Returns (total loss, {'cls': L_cls, 'dist': L_dist}) as device tensors (no host sync).
+        """Returns (total loss, {'loss_cls': L_cls, 'loss_dist': L_dist}) as device tensors (no host sync).
 
         A single-head model (dist_logits None) is trained on the ground truth alone (ViT baseline).
         """
-        cls_logits = cls_logits.float()
-        loss_cls = self._cls_term(cls_logits, targets).mean()
+        loss_cls = self._ce(cls_logits.float(), targets)
         if dist_logits is None:
-            return loss_cls, {'cls': loss_cls.detach()}
+            return loss_cls, {'loss_cls': loss_cls.detach()}
         dist_logits = dist_logits.float()
         w = self.class_weights if self.drw_active else None
         if self.distill == 'none':
-            per = self._cls_term(dist_logits, targets)
-            if w is not None:  # weight of a soft target = its expected class weight
-                w = w[targets] if targets.ndim == 1 else targets @ w
-            loss_dist = _weighted_mean(per, w)
+            loss_dist = self._ce(dist_logits, targets) if w is None else F.cross_entropy(dist_logits, targets,
+                                                                                          weight=w)
+        elif teacher_logits is None:
+            raise ValueError(f'{self.distill} distillation needs teacher logits')
+        elif self.distill == 'hard':
+            loss_dist = F.cross_entropy(dist_logits, teacher_logits.argmax(dim=1), weight=w)
         else:
-            if teacher_logits is None:
-                raise ValueError(f'{self.distill} distillation needs teacher logits')
-            teacher_logits = teacher_logits.float()
-            t = teacher_logits.argmax(dim=1)
-            if self.distill == 'hard':
-                per = F.cross_entropy(dist_logits, t, reduction='none')
-            else:
-                T = self.tau
-                per = F.kl_div(F.log_softmax(dist_logits / T, dim=1), F.log_softmax(teacher_logits / T, dim=1),
-                               reduction='none', log_target=True).sum(1) * (T * T)
-            loss_dist = _weighted_mean(per, w[t] if w is not None else None)
+            T = self.tau
+            log_t = F.log_softmax(teacher_logits.float() / T, dim=1)
+            if w is not None:
+                log_t = log_t * w
+                log_t = log_t / log_t.sum(1, keepdim=True)
+            loss_dist = F.kl_div(F.log_softmax(dist_logits / T, dim=1), log_t, reduction='sum',
+                                 log_target=True) * (T * T) / dist_logits.numel()
         total = (1.0 - self.alpha) * loss_cls + self.alpha * loss_dist
-        return total, {'cls': loss_cls.detach(), 'dist': loss_dist.detach()}
+        return total, {'loss_cls': loss_cls.detach(), 'loss_dist': loss_dist.detach()}

@@ -7,6 +7,7 @@ equal-width-bin expected calibration error (Guo et al., 2017) on the max-softmax
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import torch
@@ -89,7 +90,8 @@ def report_from_topk(top: torch.Tensor, conf: torch.Tensor, targets: torch.Tenso
     preds = top[:, 0]
     class_acc = per_class_accuracy(preds, targets, num_classes)
     out = {f'top{k}': 100.0 * hit[:, :k].any(1).double().mean().item() for k in ks}
-    out.update(split_accuracy(class_acc, groups))
+    # an empty group (e.g. no class has < 20 training images) has no accuracy: None, printed as '-'
+    out.update({name: None if math.isnan(v) else v for name, v in split_accuracy(class_acc, groups).items()})
     out['ece'] = calibration_error(conf, preds == targets, n_bins)
     out['per_class'] = [None if torch.isnan(a) else round(a.item(), 4) for a in class_acc]
     out['confusion'] = confusion_matrix(preds, targets, num_classes).tolist()

@@ -1,34 +1,21 @@
-"""Process-level plumbing shared by the training tools: the Accelerator, per-step seeding, resume lookup.
-
-Exact resume (ECOSYSTEM.md, section 2): accelerate saves RNG states but a new data iterator still draws seeds, so
-instead every random stream of a step (Mixup's NumPy draws, drop-path's torch draws, Python's `random`) is
-reseeded from (seed, epoch, step, rank) before the step runs. A run resumed from a checkpoint taken at an optimizer
-step boundary then replays exactly what an uninterrupted run does.
-"""
+"""Process-level plumbing shared by the tools: the Accelerator, resume lookup, gathering, provenance."""
 from __future__ import annotations
 
 import os
-import random
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 
-from .checkpoint import CheckpointError, latest_checkpoint
-from .config import RuntimeConfig
-from .data.pipeline import step_seed
+from .checkpoint import latest_checkpoint
+from .config import EvalRuntimeConfig, RuntimeConfig
+from .errors import CheckpointError
 
-__all__ = ['create_accelerator', 'seed_step', 'resolve_resume', 'gather_fn', 'want_compile', 'NonFiniteLossError',
-           'run_provenance']
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN/inf; the last good checkpoint is kept."""
+__all__ = ['create_accelerator', 'resolve_resume', 'gather_fn', 'want_compile', 'run_provenance']
 
 
-def create_accelerator(cfg: RuntimeConfig) -> Accelerator:
+def create_accelerator(cfg: EvalRuntimeConfig) -> Accelerator:
     """One process per device under `accelerate launch`; bf16 on GPUs that have it (fp16 otherwise), fp32 on CPU.
 
     Gradient accumulation is done by the engines themselves (their window bookkeeping survives resume), so the
@@ -49,14 +36,6 @@ def create_accelerator(cfg: RuntimeConfig) -> Accelerator:
         local = int(os.environ.get('LOCAL_WORLD_SIZE', accelerator.num_processes))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
     return accelerator
-
-
-def seed_step(*keys: int) -> None:
-    """Reseed Python, NumPy and torch (all devices) from `keys`, e.g. (seed, epoch, step, rank)."""
-    s = step_seed(*keys)
-    random.seed(s)
-    np.random.seed(s & 0xFFFFFFFF)
-    torch.manual_seed(s)
 
 
 def resolve_resume(cfg: RuntimeConfig) -> Path | None:

@@ -12,6 +12,6 @@ __all__ = ['TeacherLoss', 'TeacherTrainConfig', 'ldam_margins', 'train_teacher',
 
 def __getattr__(name: str):
     if name == 'train_teacher':
-        from .train import train_teacher
+        from .recipe import train_teacher
         return train_teacher
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -5,7 +5,7 @@
   largest margin (rarest class) is `max_m`, and all logits are multiplied by s before softmax cross-entropy.
 - DRW: from the switch epoch on, the loss is weighted by the class-balanced weights of Cui et al. (CVPR 2019),
   w_c proportional to (1 - beta) / (1 - beta^{n_c}) (`deit_lt.losses.class_balanced_weights`), with PyTorch's
-  `weight=` semantics: the *weighted mean* sum_i w_{y_i} L_i / sum_i w_{y_i} (teachers_sam.md sections 4.1-4.3).
+  `weight=` semantics: the *weighted mean* sum_i w_{y_i} L_i / sum_i w_{y_i} (kaidic/LDAM-DRW `cifar_train.py`, `losses.py`).
 """
 from __future__ import annotations
 

@@ -1,108 +1,92 @@
-"""Training engine: the teacher sees exactly the student's mixed batch; the teacher adapter's resize / renormalise /
-class-map; accumulation windows."""
+"""The student recipe's micro-step (the teacher sees exactly the student's mixed batch; clean-input ablation; the
+DRW phase), the teacher adapter's resize / renormalise / class map, and the loop's accumulation windows."""
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from timm.data import Mixup
-from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
 
 import deit_lt.models  # noqa: F401
-from deit_lt.config import AugConfig, DataConfig
-from deit_lt.data import create_datasets
-from deit_lt.data.pipeline import create_train_batches
-from deit_lt.data.samplers import create_sampler
-from deit_lt.engine import EpochState, TeacherAdapter, _windows, train_one_epoch
-from deit_lt.losses import DistillationLoss
+from conftest import REPO
+from deit_lt.checkpoint import save_model_file
+from deit_lt.config import TrainConfig, load_config
+from deit_lt.data.pipeline import Batch
+from deit_lt.engine import windows
+from deit_lt.models.teacher import TeacherAdapter
+from deit_lt.seeding import seed_step
+from deit_lt.student import student_parts
 
 
-class RecordingTeacher(torch.nn.Module):
-    """A CNN-shaped stand-in that records what it is fed."""
-
-    def __init__(self, num_classes=10, in_chans=1):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(in_chans, 4, 3, padding=1)
-        self.fc = torch.nn.Linear(4, num_classes)
-        self.seen = []
-
-    def forward(self, x):
-        self.seen.append(x.detach().clone())
-        return self.fc(self.conv(x).mean((2, 3)))
-
-
-def _setup(teacher_input='mixed', steps=2):
-    data = create_datasets(DataConfig(name='digits_lt', imb_factor=10))
-    tr = data['train']
-    aug = AugConfig(placement='loader', num_workers=0, rand_augment=None)
-    sampler = create_sampler('repeated_aug', tr.targets, seed=0)
-    batches = create_train_batches(tr, aug, img_size=8, batch_size=16, device='cpu', sampler=sampler, seed=0,
-                                   return_clean=teacher_input == 'clean')
+@pytest.fixture
+def teacher_file(tmp_path):
     torch.manual_seed(0)
-    model = timm.create_model('deit_micro_distilled_patch2_8', num_classes=10, in_chans=1)
-    model.set_distilled_training(True)
-    opt = create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05)
-    sched = CosineLRScheduler(opt, t_initial=100, t_in_epochs=False)
-    rec = RecordingTeacher()
-    teacher = TeacherAdapter(rec, None, ((0.5,), (0.5,)))
-    crit = DistillationLoss(tr.train_counts, distill='hard', drw_epoch=5)
-    mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=10)
-    return model, opt, sched, rec, teacher, crit, mix, batches
+    net = timm.create_model('resnet32', num_classes=10, in_chans=1)
+    meta = {'kind': 'teacher', 'arch': 'resnet32', 'num_classes': 10, 'model_kwargs': {'in_chans': 1},
+            'img_size': 8, 'in_chans': 1}
+    return save_model_file(tmp_path / 'teacher.safetensors', net.state_dict(), meta)
 
 
-def _spy(batches, attr='x'):
-    """Record the `attr` tensor of every batch the engine draws."""
-    seen, orig = [], batches.iter_epoch
+def _parts(monkeypatch, teacher_file, *overrides):
+    """The digits DeiT-LT student with Mixup/CutMix on; records every tensor the teacher and the student see."""
+    seen = {'teacher': [], 'student': []}
+    forward = TeacherAdapter.forward
 
-    def spy(epoch, start_step=0):
-        for b in orig(epoch, start_step):
-            seen.append(getattr(b, attr).clone())
-            yield b
-    batches.iter_epoch = spy
-    return seen
+    def recording(self, x):
+        seen['teacher'].append(x.detach().clone())
+        return forward(self, x)
+    monkeypatch.setattr(TeacherAdapter, 'forward', recording)
+    cfg = load_config(TrainConfig, REPO / 'configs' / 'digits_lt' / 'deit_lt.yaml',
+                      [f'teacher.checkpoint={teacher_file}', 'aug.mixup=0.8', 'aug.cutmix=1.0', 'distill.drw_epoch=5',
+                       'wandb.mode=disabled', *overrides])
+    parts = student_parts(cfg, Accelerator(cpu=True))
+    parts.model.register_forward_pre_hook(lambda m, args: seen['student'].append(args[0].detach().clone()))
+    return parts, seen
 
 
-def _record_inputs(model):
-    seen = []
-    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
-    return seen
+def _steps(parts, epoch, n=3):
+    """(raw batch, prepared inputs) of the first `n` micro-steps of `epoch`, as the run loop makes them."""
+    parts.on_epoch(epoch)
+    out = []
+    for step, batch in enumerate(parts.train_batches.iter_epoch(epoch)):
+        if step == n:
+            break
+        seed_step(0, epoch, step, 0)
+        raw = Batch(batch.x.clone(), batch.y.clone(), batch.x_clean)   # timm's Mixup mixes in place
+        inputs = parts.prepare(batch)
+        parts.loss_fn(parts.model, inputs)
+        out.append((raw, inputs))
+    return out
 
 
-def test_teacher_receives_the_mixed_student_batch():
-    model, opt, sched, rec, teacher, crit, mix, batches = _setup()
-    student_inputs, raw = _record_inputs(model), _spy(batches)
-    state = EpochState(epoch=0)
-    train_one_epoch(model, crit, batches, opt, sched, Accelerator(cpu=True), state, teacher=teacher,
-                    mixup_fn=mix, max_updates=3, log_every=1)
-    assert len(rec.seen) == len(student_inputs) == 3
-    for t_in, s_in, x in zip(rec.seen, student_inputs, raw):
-        assert torch.equal(t_in, s_in)              # the very same tensor values the student saw
-        assert not torch.equal(s_in, x)             # ... which is the mixed batch, not the raw augmented one
+def test_teacher_receives_the_mixed_student_batch(monkeypatch, teacher_file):
+    parts, seen = _parts(monkeypatch, teacher_file)
+    steps = _steps(parts, epoch=0)
+    assert len(seen['teacher']) == len(seen['student']) == 3
+    for (batch, inputs), t_in, s_in in zip(steps, seen['teacher'], seen['student']):
+        assert torch.equal(t_in, s_in) and torch.equal(s_in, inputs.x)   # the very same tensor values
+        assert not torch.equal(s_in, batch.x)       # ... which is the mixed batch, not the raw augmented one
+        assert inputs.targets.ndim == 2             # mixed, smoothed targets
         # Mixup/CutMix in batch mode pairs sample i with B-1-i: every mixed pixel lies between the two sources
+        x = batch.x
         lo, hi = torch.minimum(x, x.flip(0)), torch.maximum(x, x.flip(0))
         assert ((s_in >= lo - 1e-5) & (s_in <= hi + 1e-5)).all()
-    assert state.updates == 3 and state.step == 3
 
 
-def test_clean_teacher_input_ablation():
-    model, opt, sched, rec, teacher, crit, mix, batches = _setup('clean')
-    cleans = _spy(batches, 'x_clean')
-    train_one_epoch(model, crit, batches, opt, sched, Accelerator(cpu=True), EpochState(epoch=0), teacher=teacher,
-                    teacher_input='clean', mixup_fn=mix, max_updates=2)
-    assert all(torch.equal(a, b) for a, b in zip(rec.seen, cleans))
+def test_clean_teacher_input_ablation(monkeypatch, teacher_file):
+    parts, seen = _parts(monkeypatch, teacher_file, 'teacher.input=clean')
+    steps = _steps(parts, epoch=0, n=2)
+    assert all(torch.equal(t, batch.x_clean) for t, (batch, _) in zip(seen['teacher'], steps))
 
 
-def test_drw_phase_turns_mixup_off():
-    model, opt, sched, rec, teacher, crit, mix, batches = _setup()
-    student_inputs, raw = _record_inputs(model), _spy(batches)
-    state = EpochState(epoch=5)   # drw_epoch=5
-    train_one_epoch(model, crit, batches, opt, sched, Accelerator(cpu=True), state, teacher=teacher,
-                    mixup_fn=mix, no_mixup_drw=True, max_updates=2)
-    assert crit.drw_active
-    assert all(torch.equal(s, x) for s, x in zip(student_inputs, raw))
-    assert all(torch.equal(t, x) for t, x in zip(rec.seen, raw))
+def test_drw_phase_turns_mixup_off(monkeypatch, teacher_file):
+    parts, seen = _parts(monkeypatch, teacher_file)
+    steps = _steps(parts, epoch=5, n=2)           # drw_epoch=5
+    assert parts.on_epoch(5) == {'drw': True, 'mixup': False}
+    for (batch, inputs), t_in in zip(steps, seen['teacher']):
+        assert torch.equal(inputs.x, batch.x) and torch.equal(t_in, batch.x)
+        assert torch.equal(inputs.targets, batch.y)   # hard labels, no smoothing (CIFAR recipe)
 
 
 def test_teacher_adapter_resize_renormalise_and_class_map():
@@ -134,5 +118,5 @@ def test_teacher_adapter_resize_renormalise_and_class_map():
 
 def test_accumulation_windows():
     # 10 micro-batches, accumulation 4 -> windows of 4, 4, 2
-    assert [_windows(10, 4, s) for s in range(10)] == [(4, False)] * 3 + [(4, True)] + [(4, False)] * 3 + \
+    assert [windows(10, 4, s) for s in range(10)] == [(4, False)] * 3 + [(4, True)] + [(4, False)] * 3 + \
         [(4, True), (2, False), (2, True)]

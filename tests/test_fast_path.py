@@ -11,14 +11,13 @@ import pytest
 import timm
 import torch
 
-import deit_lt.models  # noqa: F401
 import deit_lt.models  # noqa: F401  (registers resnet32)
 from conftest import REPO
 from deit_lt.config import AugConfig, DataConfig
 from deit_lt.data import create_datasets
 from deit_lt.data.pipeline import create_eval_batches, create_train_batches
 from deit_lt.data.samplers import create_sampler
-from deit_lt.engine import TeacherAdapter
+from deit_lt.models.teacher import TeacherAdapter
 from deit_lt.losses import DistillationLoss
 
 NO_AUG = dict(crop='none', hflip=0.0, rand_augment=None, re_prob=0.0, num_workers=0)

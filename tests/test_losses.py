@@ -11,7 +11,7 @@ from deit_lt.losses import DistillationLoss, class_balanced_weights
 
 def test_class_balanced_weights_cifar10_if100():
     w = class_balanced_weights([5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50], beta=0.9999)
-    expected = [0.051, 0.077, 0.121, 0.195, 0.319, 0.525, 0.868, 1.443, 2.409, 3.993]   # deit_lt.md 5.3
+    expected = [0.051, 0.077, 0.121, 0.195, 0.319, 0.525, 0.868, 1.443, 2.409, 3.993]   # DeiT-LT main.py 97-101
     assert w.tolist() == pytest.approx(expected, abs=6e-4)
     assert w.sum().item() == pytest.approx(10.0, rel=1e-6)
     # by hand for two classes: r = (1-b)/(1-b^n)
@@ -60,8 +60,8 @@ def test_hard_distillation_loss_by_hand(drw):
     loss, parts = crit(torch.tensor(CLS), torch.tensor(DIST), torch.tensor(SOFT_Y), torch.tensor(TEACHER))
     total, l_cls, l_dist = _by_hand(drw)
     assert loss.item() == pytest.approx(total, rel=1e-6)
-    assert parts['cls'].item() == pytest.approx(l_cls, rel=1e-6)
-    assert parts['dist'].item() == pytest.approx(l_dist, rel=1e-6)
+    assert parts['loss_cls'].item() == pytest.approx(l_cls, rel=1e-6)
+    assert parts['loss_dist'].item() == pytest.approx(l_dist, rel=1e-6)
 
 
 def test_drw_phase_plain_ce_on_hard_labels():
@@ -75,24 +75,51 @@ def test_weights_follow_the_teacher_not_the_label():
     crit = DistillationLoss(COUNTS, drw_epoch=0)
     crit.set_epoch(0)
     # same labels, teacher changes its mind: the DIST term must change its weighting
-    a = crit(torch.tensor(CLS), torch.tensor(DIST), torch.tensor([0, 0]), torch.tensor(TEACHER))[1]['dist']
+    a = crit(torch.tensor(CLS), torch.tensor(DIST), torch.tensor([0, 0]), torch.tensor(TEACHER))[1]['loss_dist']
     flipped = torch.tensor(TEACHER)[:, [2, 1, 0]]
-    b = crit(torch.tensor(CLS), torch.tensor(DIST), torch.tensor([0, 0]), flipped)[1]['dist']
+    b = crit(torch.tensor(CLS), torch.tensor(DIST), torch.tensor([0, 0]), flipped)[1]['loss_dist']
     assert a.item() != pytest.approx(b.item())
 
 
-def test_soft_and_none_variants_by_hand():
-    crit = DistillationLoss(COUNTS, distill='soft', tau=2.0)
+def _drw_weights():
+    b = 0.9999
+    r = [(1 - b) / (1 - b ** n) for n in COUNTS]
+    return [3 * ri / sum(r) for ri in r]
+
+
+@pytest.mark.parametrize('drw', [False, True])
+def test_soft_distillation_equals_the_official_formula_by_hand(drw):
+    # val-iisc/DeiT-LT losses.py: KL(teacher || student) at temperature T summed over batch and classes, times T^2,
+    # divided by B x C; under DRW the teacher's log-probabilities are scaled by w and divided by their row sum first
+    T = 2.0
+    crit = DistillationLoss(COUNTS, distill='soft', tau=T, drw_epoch=0 if drw else None)
+    crit.set_epoch(0)
     _, parts = crit(torch.tensor(CLS), torch.tensor(DIST), torch.tensor(SOFT_Y), torch.tensor(TEACHER))
-    kl = 0.0
+    w = _drw_weights()
+    total = 0.0
     for z, t in zip(DIST, TEACHER):
-        ls, lt = _lsm([v / 2 for v in z]), _lsm([v / 2 for v in t])
-        kl += sum(math.exp(b) * (b - a) for a, b in zip(ls, lt)) * 4
-    assert parts['dist'].item() == pytest.approx(kl / 2, rel=1e-5)
-    none = DistillationLoss(COUNTS, distill='none')
-    _, parts = none(torch.tensor(CLS), torch.tensor(DIST), torch.tensor(SOFT_Y))
-    expected = sum(-sum(y * l for y, l in zip(ys, _lsm(z))) for ys, z in zip(SOFT_Y, DIST)) / 2
-    assert parts['dist'].item() == pytest.approx(expected, rel=1e-6)
+        ls, lt = _lsm([v / T for v in z]), _lsm([v / T for v in t])
+        if drw:
+            lt = [wi * v for wi, v in zip(w, lt)]
+            lt = [v / sum(lt) for v in lt]
+        total += sum(math.exp(b) * (b - a) for a, b in zip(ls, lt))
+    assert parts['loss_dist'].item() == pytest.approx(total * T * T / (2 * 3), rel=1e-5)
+
+
+@pytest.mark.parametrize('drw', [False, True])
+@pytest.mark.parametrize('hard', [False, True])
+def test_none_mode_equals_the_official_formula_by_hand(drw, hard):
+    # the DIST head learns the ground truth: soft-target CE averaged over B; under DRW torch's CE(weight=w), i.e.
+    # for probability targets sum_i sum_c w_c y_ic (-log p_ic) / B and for labels the w_{y_i}-weighted mean
+    crit = DistillationLoss(COUNTS, distill='none', drw_epoch=0 if drw else None)
+    crit.set_epoch(0)
+    y = torch.tensor([0, 2]) if hard else torch.tensor(SOFT_Y)
+    _, parts = crit(torch.tensor(CLS), torch.tensor(DIST), y)
+    targets = [[1.0 if c == k else 0.0 for c in range(3)] for k in (0, 2)] if hard else SOFT_Y
+    w = _drw_weights() if drw else [1.0, 1.0, 1.0]
+    per = [-sum(wc * yc * lc for wc, yc, lc in zip(w, ys, _lsm(z))) for ys, z in zip(targets, DIST)]
+    denom = (w[0] + w[2]) if (hard and drw) else 2
+    assert parts['loss_dist'].item() == pytest.approx(sum(per) / denom, rel=1e-6)
 
 
 def test_single_head_and_errors():

@@ -32,7 +32,9 @@ from deit_lt.data.samplers import create_sampler
 from deit_lt.data.transforms import resolve_norm
 from deit_lt.eval import evaluate
 from deit_lt.models import create_model_from_checkpoint, model_outputs
-from deit_lt.rebalance import (CRTConfig, LWSConfig, NCMConfig, RebalanceError, TauNormConfig,
+from deit_lt.cli import run_tool
+from deit_lt.errors import ConfigError
+from deit_lt.rebalance import (CRTConfig, LWSConfig, NCMConfig, TauNormConfig,
                                evaluate_predictors, extract_features, joint_logits, load_ncm, load_or_extract,
                                load_rebalance_config, model_heads, run_rebalance, tau_normalize)
 from deit_lt.rebalance import crt, features as features_mod, lws, ncm, tau_norm, training
@@ -175,7 +177,7 @@ def test_feature_cache_is_keyed_and_reused(digits, trained, tmp_path):
     assert not cached and path3 != path and calls == ['val', 'test']
     # a cache file whose labels do not match the split is not used: the backbone runs again (and the fresh
     # features, whose labels do not match either, are refused)
-    with pytest.raises(RebalanceError, match='dataset order'):
+    with pytest.raises(ConfigError, match='dataset order'):
         load_or_extract(model, batches('val'), targets['val'].roll(1), key=keys['val'], cache_dir=tmp_path)
     assert calls == ['val', 'test', 'val']
     # a rewritten checkpoint (new modification time) gets new keys, so its stale features are never reused
@@ -420,21 +422,21 @@ def test_bad_input_fails_before_any_work(digits, trained, tmp_path, monkeypatch)
     ds, _ = digits
     ckpt = trained[0]
     over = QUIET + [f'runtime.output_dir={tmp_path / "out"}']
-    with pytest.raises(RebalanceError, match="unknown method 'bogus'"):
+    with pytest.raises(ConfigError, match="unknown method 'bogus'"):
         load_rebalance_config(None, over, checkpoint=ckpt, methods='crt,bogus')
     _no_work(monkeypatch)
-    with pytest.raises(RebalanceError, match='tau_norm.grid is empty'):
+    with pytest.raises(ConfigError, match='tau_norm.grid is empty'):
         run_rebalance(load_rebalance_config(None, over + ['tau_norm.grid=[]'], checkpoint=ckpt, methods='tau_norm'))
-    with pytest.raises(RebalanceError, match='validation split'):
+    with pytest.raises(ConfigError, match='validation split'):
         run_rebalance(load_rebalance_config(None, over + ['data.val_per_class=0'], checkpoint=ckpt,
                                             methods='tau_norm'))
-    with pytest.raises(RebalanceError, match='larger than the training split'):
+    with pytest.raises(ConfigError, match='larger than the training split'):
         run_rebalance(load_rebalance_config(None, over, checkpoint=ckpt, methods='crt'))   # batch 512 > 503 images
     # a checkpoint predicting 5 classes on the 10-class digits
     five = tmp_path / 'five.safetensors'
     model = timm.create_model('deit_micro_patch2_8', num_classes=5, in_chans=1)
     save_model_file(five, model.state_dict(), _meta('deit_micro_patch2_8', 5, ds['train'], {'in_chans': 1}))
-    with pytest.raises(RebalanceError, match='has 10 classes but the checkpoint predicts 5'):
+    with pytest.raises(ConfigError, match='has 10 classes but the checkpoint predicts 5'):
         run_rebalance(load_rebalance_config(None, over, checkpoint=five, methods='ncm'))
     # a cosine head cannot be tau-normalised or scaled
     cos = tmp_path / 'cosine.safetensors'
@@ -442,9 +444,9 @@ def test_bad_input_fails_before_any_work(digits, trained, tmp_path, monkeypatch)
     save_model_file(cos, model.state_dict(), _meta('rebalance_test_cosine_cnn', 10, ds['train'],
                                                    {'in_chans': 1, 'use_norm': True}, kind='teacher'))
     for method in ('tau_norm', 'lws'):
-        with pytest.raises(RebalanceError, match='not nn.Linear'):
+        with pytest.raises(ConfigError, match='not nn.Linear'):
             run_rebalance(load_rebalance_config(None, over, checkpoint=cos, methods=method))
-    with pytest.raises(RebalanceError, match='not nn.Linear'):
+    with pytest.raises(ConfigError, match='not nn.Linear'):
         tau_norm.fit(None, model_heads(model), TauNormConfig(), val=None)
 
 
@@ -546,7 +548,7 @@ def test_cli_end_to_end(digits, trained, tmp_path, monkeypatch, capsys):
     assert list(again['methods']) == ['crt', 'tau_norm', 'lws', 'ncm']   # earlier results kept in the report
     assert 'ncm ' in capsys.readouterr().out
     # a wrong method name is a clean error from the command line
-    assert _load_tool().main(['--method', 'crtt', *args]) == 2
+    assert run_tool(_load_tool().main, ['--method', 'crtt', *args]) == 2
     assert "unknown method 'crtt'" in capsys.readouterr().err
 
 

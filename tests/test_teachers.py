@@ -1,11 +1,10 @@
-"""Teacher models, losses, SAM and checkpoint loading (teachers/*), checked against hand computations.
+"""Teacher models, losses and checkpoint loading, checked against hand computations (SAM and schedules:
+test_optim.py).
 
-- ResNet-32: the parameter count of teachers_sam.md 3.1, the option-A shortcut, the timm-style API.
-- LDAM margins and DRW weights: the CIFAR-10-LT IF100 numbers of teachers_sam.md 4.2 / 4.3; the loss value and
+- ResNet-32: the parameter count of LDAM-DRW's resnet32 (464,154 for 10 classes), the option-A shortcut, the
+  timm-style API.
+- LDAM margins and DRW weights: the CIFAR-10-LT IF100 values of LDAM-DRW / Saddle-LongTail; the loss value and
   its weighted-mean reduction computed by hand.
-- SAM: two steps of `pytorch_optimizer.SAM` through our engine equal the two-pass definition written out here
-  (global-norm perturbation, gradient at the perturbed point, SGD-momentum step with weight decay from w).
-- Schedules: lr per epoch (CIFAR warmup + x0.01/x0.0001, cosine) and the rho step schedule (1-based boundaries).
 - Loading: our model files, plain `module.`/`linear` state dicts, LDAM ResNet-50 state dicts, PaCo wrapper
   checkpoints (built here from a real ResNet-32 with the wrapper's key layout) give identical logits; every bad
   file or mismatch fails with a CheckpointError, and a pickle carrying code never runs it.
@@ -15,7 +14,6 @@ from __future__ import annotations
 import math
 import pathlib
 import random
-import sys
 
 import pytest
 import timm
@@ -30,9 +28,6 @@ from deit_lt.models.cnn import create_teacher_model
 from deit_lt.models.layers import NormedLinear
 from deit_lt.models.teacher import load_teacher
 from teachers import TeacherLoss, ldam_margins
-from teachers.config import SamConfig, TeacherOptimConfig
-from teachers.engine import sam_update
-from teachers.optim import create_lr_scheduler, create_optimizer, sam_rho, set_rho
 from deit_lt.models.resnet_cifar import ZeroPadShortcut
 
 
@@ -143,14 +138,14 @@ CIFAR10_IF100 = lt_class_counts(5000, 10, 100)
 def test_ldam_margins_and_drw_weights_cifar10_if100():
     assert CIFAR10_IF100 == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
     margins = ldam_margins(CIFAR10_IF100, max_m=0.5)
-    spec_margins = [0.158, 0.180, 0.204, 0.232, 0.264, 0.300, 0.341, 0.387, 0.440, 0.500]   # teachers_sam.md 4.2
+    spec_margins = [0.158, 0.180, 0.204, 0.232, 0.264, 0.300, 0.341, 0.387, 0.440, 0.500]   # max_m * (n_min / n_j)^(1/4), LDAM-DRW losses.py
     assert margins.tolist() == pytest.approx(spec_margins, abs=6e-4)
     assert margins[-1].item() == pytest.approx(0.5, abs=1e-7)
     loss = TeacherLoss(CIFAR10_IF100, 'ldam', drw_epoch=160)
     loss.set_epoch(159)
     assert loss.weights is None
     loss.set_epoch(160)
-    spec_weights = [0.051, 0.077, 0.121, 0.195, 0.319, 0.525, 0.868, 1.443, 2.409, 3.993]   # teachers_sam.md 4.3
+    spec_weights = [0.051, 0.077, 0.121, 0.195, 0.319, 0.525, 0.868, 1.443, 2.409, 3.993]   # Cui et al. 2019, normalised to mean 1
     assert loss.weights.tolist() == pytest.approx(spec_weights, abs=6e-4)
     assert loss.weights.sum().item() == pytest.approx(10.0, rel=1e-6)
     with pytest.raises(ValueError, match='every class'):
@@ -181,110 +176,6 @@ def test_ldam_loss_and_weighted_mean_by_hand():
     assert TeacherLoss(counts, 'ce')(z, y).item() == pytest.approx(F.cross_entropy(z, y).item(), rel=1e-6)
     assert TeacherLoss(counts, 'ce', cosine_head=True)(z, y).item() == pytest.approx(
         F.cross_entropy(30 * z, y).item(), rel=1e-6)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# SAM
-# --------------------------------------------------------------------------------------------------------------
-
-def _tiny_net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-
-
-def test_sam_step_equals_two_pass_definition():
-    rho, lr, mu, wd = 0.5, 0.1, 0.9, 1e-2
-    net = _tiny_net()
-    ref = [p.detach().clone() for p in net.parameters()]
-    gen = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(6, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (6,), generator=gen))
-               for _ in range(2)]
-    criterion = nn.CrossEntropyLoss()
-    opt = create_optimizer(net, TeacherOptimConfig(lr=lr, momentum=mu, weight_decay=wd),
-                           SamConfig(enabled=True, rho=rho))
-    probe = _tiny_net()
-
-    def grads_at(params, x, y):
-        with torch.no_grad():
-            for p, v in zip(probe.parameters(), params):
-                p.copy_(v)
-        return torch.autograd.grad(criterion(probe(x), y), list(probe.parameters()))
-
-    bufs = None
-    for x, y in batches:
-        g = grads_at(ref, x, y)
-        norm = torch.sqrt(sum((gi ** 2).sum() for gi in g))          # one norm over all parameters
-        perturbed = [w + rho * gi / (norm + 1e-12) for w, gi in zip(ref, g)]
-        g2 = grads_at(perturbed, x, y)
-        d = [gi + wd * w for gi, w in zip(g2, ref)]                   # weight decay at the unperturbed w
-        bufs = d if bufs is None else [mu * b + di for b, di in zip(bufs, d)]
-        ref = [w - lr * b for w, b in zip(ref, bufs)]
-        loss, logits = sam_update(net, criterion, opt, x, y)
-        assert logits.shape == (6, 3) and loss.item() > 0
-    moved = max((p - r0).abs().max().item() for p, r0 in zip(net.parameters(), _tiny_net().parameters()))
-    assert moved > 1e-2
-    for p, r in zip(net.parameters(), ref):
-        # float64 weights, but pytorch_optimizer accumulates the gradient norm in float32 (relative 1e-7).
-        assert torch.allclose(p, r, atol=1e-8, rtol=0)
-    # Changing rho on the groups (the per-epoch schedule) changes the perturbation.
-    set_rho(opt, 0.0)
-    assert all(gr['rho'] == 0.0 for gr in opt.param_groups)
-
-
-def test_sam_bn_second_pass_update_or_freeze():
-    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
-
-    def run(mode):
-        torch.manual_seed(0)
-        net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
-        opt = create_optimizer(net, TeacherOptimConfig(lr=0.1), SamConfig(enabled=True, rho=1.0))
-        sam_update(net, nn.CrossEntropyLoss(), opt, x, y, bn_second_pass=mode)
-        return net[1].running_mean.clone()
-
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
-    net(x)                                    # one BN update at the unperturbed weights
-    once = net[1].running_mean.clone()
-    assert torch.allclose(run('freeze'), once, atol=1e-7)
-    assert not torch.allclose(run('update'), once, atol=1e-4)   # Saddle-LongTail: a second update at w + e
-
-
-def test_sam_missing_package_errors_only_when_enabled(monkeypatch):
-    monkeypatch.setitem(sys.modules, 'pytorch_optimizer', None)   # import fails as if not installed
-    net = _tiny_net()
-    assert isinstance(create_optimizer(net, TeacherOptimConfig(), SamConfig(enabled=False)), torch.optim.SGD)
-    with pytest.raises(ImportError, match='pytorch-optimizer'):
-        create_optimizer(net, TeacherOptimConfig(), SamConfig(enabled=True))
-
-
-def test_rho_schedules():
-    steps = SamConfig(schedule='step', rho_steps=[0.05, 0.1, 0.5, 0.6], step_epochs=[5, 60, 75])
-    got = [sam_rho(steps, e) for e in range(90)]     # e 0-based, boundaries on t = e + 1
-    assert got == [0.05] * 5 + [0.1] * 55 + [0.5] * 15 + [0.6] * 15
-    assert sam_rho(SamConfig(rho=0.8), 123) == 0.8
-
-
-def _lrs(optim_cfg: TeacherOptimConfig, sam: bool) -> list[float]:
-    net = _tiny_net()
-    opt = create_optimizer(net, optim_cfg, SamConfig(enabled=sam))
-    sched = create_lr_scheduler(opt, optim_cfg)
-    out = []
-    for _ in range(optim_cfg.epochs):
-        out.append(opt.param_groups[0]['lr'])
-        opt.step() if not sam else opt.base_optimizer.step()
-        sched.step()
-    return out
-
-
-def test_lr_schedules_per_epoch():
-    cifar = _lrs(TeacherOptimConfig(lr=0.1, epochs=200), sam=True)
-    expected = [0.1 * (e + 1) / 5 if e < 5 else 0.1 if e < 160 else 1e-3 if e < 180 else 1e-5 for e in range(200)]
-    assert cifar == pytest.approx(expected, rel=1e-9)
-    cos = _lrs(TeacherOptimConfig(lr=0.2, epochs=90, warmup_epochs=0, sched='cosine'), sam=False)
-    assert cos == pytest.approx([0.1 * (1 + math.cos(math.pi * e / 90)) for e in range(90)], rel=1e-9, abs=1e-12)
-    warm_cos = _lrs(TeacherOptimConfig(lr=0.1, epochs=10, warmup_epochs=3, sched='cosine'), sam=True)
-    assert warm_cos == pytest.approx([0.1 / 3, 0.2 / 3] + [0.05 * (1 + math.cos(math.pi * k / 8)) for k in range(8)],
-                                     rel=1e-9)
 
 
 # --------------------------------------------------------------------------------------------------------------

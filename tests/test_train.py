@@ -12,13 +12,22 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
+from deit_lt.cli import run_tool
 
 TRAIN = str(REPO / 'tools' / 'train.py')
 # a tiny, fast student run (CPU): 4-block 96-wide DeiT on 8x8 digits
 TINY = ['data.name=digits_lt', 'data.imb_factor=10', 'model.name=deit_micro_distilled_patch2_8',
-        'optim.batch_size=16', 'optim.accum_steps=2', 'optim.lr=1e-3', 'optim.lr_base_batch=32',
+        'optim.batch_size=32', 'optim.accum_steps=2', 'optim.lr=1e-3', 'optim.lr_base_batch=32',
         'optim.warmup_epochs=1', 'aug.rand_augment=rand-m9-mstd0.5-inc1', 'aug.scale=[0.35,1]', 'wandb.mode=disabled',
         'runtime.progress=false', 'runtime.log_every=4', 'runtime.compile=off']
+
+
+def main_in_process(args) -> int:
+    """tools/train.py's main() in this process, with its error handling (no interpreter start-up)."""
+    spec = importlib.util.spec_from_file_location('train_tool', TRAIN)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return run_tool(mod.main, args)
 
 
 def run_train(args, env_extra=None, check=True, launcher=None):
@@ -83,10 +92,10 @@ def test_two_cpu_processes_match_one_process(tmp_path):
     common = TINY + ['distill.type=none', 'distill.drw_epoch=null', 'optim.epochs=1', 'aug.crop=none',
                      'aug.hflip=0', 'aug.rand_augment=null', 'aug.re_prob=0', 'aug.mixup=0', 'aug.cutmix=0',
                      'aug.smoothing=0', 'aug.repeated_aug=1', 'model.drop_path_rate=0', 'optim.accum_steps=1']
-    run_train(common + ['optim.batch_size=16', f'runtime.output_dir={tmp_path / "one"}'])
+    run_train(common + ['optim.batch_size=16', f'runtime.output_dir={tmp_path / "one"}'])   # the global batch
     launcher = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
                 '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no']
-    r = run_train(common + ['optim.batch_size=8', f'runtime.output_dir={tmp_path / "two"}'],
+    r = run_train(common + ['optim.batch_size=16', f'runtime.output_dir={tmp_path / "two"}'],
                   env_extra={'ACCELERATE_USE_CPU': '1'}, launcher=launcher)
     assert '2 process(es)' in r.stdout
     a = load_file(tmp_path / 'one' / 'last.safetensors')
@@ -99,20 +108,26 @@ def test_two_cpu_processes_match_one_process(tmp_path):
     assert abs(ra['last']['test']['avg']['top1'] - rb['last']['test']['avg']['top1']) <= 0.5
 
 
-@pytest.mark.parametrize('override, message', [
-    (['distill.drw_epoch=9', 'optim.epochs=5'], 'past the last epoch'),
-    (['distill.type=hard'], 'needs teacher.checkpoint'),
-    (['distill.type=hard', 'teacher.checkpoint=/no/such/teacher.safetensors'], 'teacher checkpoint not found'),
-    (['distill.type=none', 'optim.batch_size=4096'], 'larger than the samples'),
-    (['distill.type=none', 'model.img_size=9'], 'not a multiple of the patch size'),
-    (['distill.type=none', 'optim.batch_size=15'], 'must be even'),
-    (['optim.lrr=1'], "unknown config key 'optim.lrr'"),
-    (['distill.type=hard', 'model.name=deit_micro_patch2_8', 'teacher.checkpoint=x'], 'no DIST token'),
+@pytest.mark.parametrize('override, code, message', [
+    (['distill.drw_epoch=9', 'optim.epochs=5'], 2, 'past the last epoch'),
+    (['distill.type=hard'], 2, 'needs teacher.checkpoint'),
+    (['distill.type=hard', 'teacher.checkpoint=/no/such/teacher.safetensors'], 2, 'teacher checkpoint not found'),
+    (['distill.type=none', 'optim.batch_size=4096'], 2, 'larger than the samples'),
+    (['distill.type=none', 'model.img_size=9'], 2, 'not a multiple of the patch size'),
+    (['distill.type=none', 'optim.batch_size=30'], 2, 'must be even'),
+    (['distill.type=none', 'optim.batch_size=31'], 2, 'must divide evenly'),
+    (['optim.lrr=1'], 2, "unknown config key 'optim.lrr'"),
+    (['distill.type=hard', 'model.name=deit_micro_patch2_8', 'teacher.checkpoint=configs/digits_lt/vit.yaml'], 2,
+     'no DIST token'),
+    (['distill.type=hard', 'teacher.checkpoint=configs/digits_lt/vit.yaml'], 4, 'cannot read the checkpoint'),
+    (['distill.type=none', 'runtime.resume=/no/such/run'], 4, 'no such checkpoint folder'),
 ])
-def test_bad_input_stops_before_training(tmp_path, override, message):
-    r = run_train(TINY + [f'runtime.output_dir={tmp_path / "bad"}'] + override, check=False)
-    assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
-    assert not (tmp_path / 'bad' / 'checkpoints').exists()
+def test_bad_input_stops_before_training(tmp_path, capsys, override, code, message):
+    out = tmp_path / 'bad'
+    assert main_in_process(TINY + [f'runtime.output_dir={out}'] + override) == code
+    err = capsys.readouterr().err
+    assert message in err and err.count('\n') == 1 and err.startswith('error: '), err   # one line, no traceback
+    assert not (out / 'checkpoints').exists()
 
 
 @pytest.fixture(scope='module')
@@ -134,8 +149,10 @@ def test_distillation_run_with_our_teacher(tmp_path, digits_teacher):
                'optim.epochs=12', 'distill.drw_epoch=6', 'wandb.mode=disabled', 'runtime.progress=false',
                f'runtime.output_dir={out}'])
     report = json.loads((out / 'report.json').read_text())
-    assert report['last']['test']['dist']['top1'] > 20.0                  # chance: 10%
-    # the DIST head learned from the teacher: on the test images it agrees with the teacher more than CLS does
+    assert report['finished'] and set(report['predictors']) == {'cls', 'dist', 'avg'}
+    # The DIST head learned from the teacher: on the test images it agrees with the teacher more than CLS does.
+    # (The 4-epoch teacher is ~30% accurate, so DIST's own accuracy says little; on 2-core x86 CPUs with and
+    # without AVX-512 this run gave DIST/CLS agreement with the teacher 0.62/0.35 and 0.58/0.42.)
     from deit_lt.config import AugConfig, DataConfig
     from deit_lt.data import create_datasets
     from deit_lt.data.pipeline import create_eval_batches
@@ -150,14 +167,15 @@ def test_distillation_run_with_our_teacher(tmp_path, digits_teacher):
         t = teacher(x).argmax(1)
     agree_dist = (z_dist.argmax(1) == t).float().mean().item()
     agree_cls = (z_cls.argmax(1) == t).float().mean().item()
-    assert agree_dist > agree_cls, (agree_dist, agree_cls)
+    assert agree_dist > agree_cls + 0.05, (agree_dist, agree_cls)
 
 
-def test_teacher_with_other_class_count_is_refused(tmp_path, digits_teacher):
-    r = run_train(['--config', str(REPO / 'configs' / 'digits_lt' / 'deit_lt.yaml'),
-                   f'teacher.checkpoint={digits_teacher}', 'teacher.num_classes=7', 'wandb.mode=disabled',
-                   f'runtime.output_dir={tmp_path / "bad"}'], check=False)
-    assert r.returncode != 0 and 'class' in r.stderr and '7' in r.stderr, r.stderr[-2000:]
+def test_teacher_with_other_class_count_is_refused(tmp_path, capsys, digits_teacher):
+    code = main_in_process(['--config', str(REPO / 'configs' / 'digits_lt' / 'deit_lt.yaml'),
+                            f'teacher.checkpoint={digits_teacher}', 'teacher.num_classes=7', 'wandb.mode=disabled',
+                            f'runtime.output_dir={tmp_path / "bad"}'])
+    err = capsys.readouterr().err
+    assert code == 2 and 'teacher.num_classes=7 but the data has 10 classes' in err, err
     assert not (tmp_path / 'bad' / 'checkpoints').exists()
 
 
@@ -169,7 +187,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     latest = (out / 'checkpoints' / 'latest').read_text().strip()
     # continue for two more epochs with an absurd learning rate: the loss becomes non-finite
     r = run_train(base + ['optim.epochs=3', 'runtime.resume=auto', 'optim.lr=1e30'], check=False)
-    assert r.returncode != 0 and 'non-finite' in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 5 and 'non-finite' in r.stderr, r.stderr[-2000:]
     assert (out / 'checkpoints' / 'latest').read_text().strip() == latest
     from deit_lt.checkpoint import load_training_state
     state = load_training_state(out / 'checkpoints' / latest)

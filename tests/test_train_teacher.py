@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
+from deit_lt.cli import run_tool
 from deit_lt.checkpoint import CheckpointError, load_model_file, read_model_meta, save_model_file
 from deit_lt.config import AugConfig, ConfigError, DataConfig, load_config, to_dict
 from deit_lt.data import create_datasets
@@ -29,7 +30,7 @@ from deit_lt.models.factory import create_model_from_checkpoint
 from deit_lt.models.teacher import load_teacher
 from teachers.config import TeacherTrainConfig, validate_config
 from teachers.optim import sam_rho
-from teachers.train import train_teacher
+from teachers.recipe import train_teacher
 
 TOOL = REPO / 'tools' / 'train_teacher.py'
 DIGITS = REPO / 'configs' / 'teachers' / 'digits_lt.yaml'
@@ -67,7 +68,7 @@ def _main(argv: list[str]) -> int:
     spec = importlib.util.spec_from_file_location('train_teacher_tool', TOOL)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.main(argv)
+    return run_tool(mod.main, argv)
 
 
 @pytest.fixture(scope='module')
@@ -94,16 +95,16 @@ def test_cli_run_learns_and_writes_outputs(cli_run):
     out, stdout = cli_run
     assert '[teacher] done' in stdout and 'LDAM+DRW@16+SAM' in stdout
     report = json.loads((out / 'report.json').read_text())
-    assert report['epochs_done'] == 20 and len(report['history']) == 20
-    assert report['last']['test']['top1'] > 60.0, report['last']['test']     # chance: 10%
-    assert report['best']['top1'] >= report['last']['test']['top1'] and report['best']['split'] == 'test'
+    assert report['progress']['epochs_done'] == 20 and len(report['history']) == 20 and report['finished']
+    assert report['last']['test']['logits']['top1'] > 60.0, report['last']['test']     # chance: 10%
+    assert report['best']['split'] == 'val' and report['best']['predictor'] == 'logits'
     # The schedule that ran: 2 warmup epochs, DRW from 0-based epoch 16, x0.01 from 16 and x0.0001 from 18.
     hist = report['history']
     assert [h['drw'] for h in hist] == [False] * 16 + [True] * 4
     assert [h['lr'] for h in hist] == pytest.approx([0.05] + [0.1] * 15 + [1e-3] * 2 + [1e-5] * 2)
     assert all(h['rho'] == 0.1 for h in hist)
     # DRW lifts the tail: the last epoch's tail accuracy beats the one before the switch.
-    assert hist[-1]['test']['tail'] > hist[15]['test']['tail']
+    assert hist[-1]['test']['logits']['tail'] > hist[15]['test']['logits']['tail']
     for f in ('config.yaml', 'class_counts.json', 'best.safetensors', 'last.safetensors', 'per_class_accuracy.png',
               'log.jsonl'):
         assert (out / f).is_file(), f
@@ -112,7 +113,7 @@ def test_cli_run_learns_and_writes_outputs(cli_run):
     again = load_config(TeacherTrainConfig, out / 'config.yaml')
     assert to_dict(again) == to_dict(load_config(TeacherTrainConfig, DIGITS, [*DIGITS_20, f'runtime.output_dir={out}']))
     logged = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
-    assert any('test/top1' in rec for rec in logged) and any('train/loss' in rec for rec in logged)
+    assert any('test/logits_top1' in rec for rec in logged) and any('train/loss' in rec for rec in logged)
 
 
 def test_teacher_model_files_describe_and_reproduce_the_teacher(cli_run):
@@ -128,9 +129,10 @@ def test_teacher_model_files_describe_and_reproduce_the_teacher(cli_run):
         assert meta['train_counts'] == [114, 88, 68, 52, 40, 31, 24, 19, 14, 11]
         assert meta['class_names'] == [str(i) for i in range(10)] and meta['class_map'] is None
         assert meta['dataset'] == {'name': 'digits_lt', 'imb_factor': 10.0}
-        assert meta['selection']['split'] == 'test' and meta['config']['loss']['type'] == 'ldam'
+        assert meta['config']['loss']['type'] == 'ldam'
         assert set(meta['metrics']) == {'test', 'val'}
-    assert last['epoch'] == 20 and best['epoch'] == best['selection']['best_epoch']
+    assert best['selection']['split'] == 'val' and best['epoch'] == best['selection']['epoch']
+    assert last['epoch'] == 19 and last['finished']                     # 0-based: the 20th epoch
     # The loaded teacher reproduces the recorded test accuracy of its epoch.
     teacher, meta = load_teacher(out / 'best.safetensors', num_classes=10, in_chans=1)
     assert meta['logit_scale'] == 30.0 and meta['mean'] == best['mean']
@@ -138,7 +140,7 @@ def test_teacher_model_files_describe_and_reproduce_the_teacher(cli_run):
     batches = create_eval_batches(test, AugConfig(mean=tuple(meta['mean']), std=tuple(meta['std'])), img_size=8,
                                   batch_size=400, device='cpu')
     report = evaluate(teacher, batches, test.splits.groups, 10)
-    assert report['logits']['top1'] == pytest.approx(best['metrics']['test']['top1'], abs=1e-9)
+    assert report['logits']['top1'] == pytest.approx(best['metrics']['test']['logits']['top1'], abs=1e-9)
     model, _ = create_model_from_checkpoint(out / 'last.safetensors')       # the student's factory rebuilds it
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
@@ -146,22 +148,24 @@ def test_teacher_model_files_describe_and_reproduce_the_teacher(cli_run):
 def test_resume_auto_continues_exactly(tmp_path):
     full, cut = tmp_path / 'full', tmp_path / 'cut'
     ref = train_teacher(_cfg(f'runtime.output_dir={full}'))
-    assert ref['epochs_done'] == 4 and ref['global_step'] == 60          # ceil(461 images / 32) = 15 steps per epoch
+    assert ref['progress'] == {'epochs_done': 4, 'epochs': 4, 'updates_done': 60, 'updates': 60, 'fraction': 1.0}
+    # (ceil(461 images / 32) = 15 updates per epoch)
     # Stop inside epoch 2 (20 steps), as if killed, then resume=auto: DRW switches on after the restart.
     first = train_teacher(_cfg(f'runtime.output_dir={cut}', 'runtime.max_steps=20'))
-    assert first['global_step'] == 20 and first['epochs_done'] == 1
+    assert first['progress']['updates_done'] == 20 and first['progress']['epochs_done'] == 1
+    assert not first['finished'] and first['stopped_by'] == 'max_steps'
     state = json.loads((cut / 'checkpoints' / (cut / 'checkpoints' / 'latest').read_text().strip() /
                         'state.json').read_text())
-    assert state['epoch'] == 1 and state['step'] == 5 and state['global_step'] == 20
+    assert state['epoch'] == 1 and state['step'] == 5 and state['updates'] == 20
     assert read_model_meta(cut / 'last.safetensors')['step_in_epoch'] == 5
     second = train_teacher(_cfg(f'runtime.output_dir={cut}', 'runtime.resume=auto'))
-    assert second['epochs_done'] == 4 and second['global_step'] == 60
+    assert second['progress']['epochs_done'] == 4 and second['progress']['updates_done'] == 60 and second['finished']
     a, b = load_file(full / 'last.safetensors'), load_file(cut / 'last.safetensors')
     assert a.keys() == b.keys()
     diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
     assert diff == 0.0, f'resumed run differs from the uninterrupted one by {diff}'
-    assert second['last']['test']['top1'] == ref['last']['test']['top1']
-    assert [h['train_loss'] for h in second['history']][2:] == [h['train_loss'] for h in ref['history']][2:]
+    assert second['last']['test']['logits']['top1'] == ref['last']['test']['logits']['top1']
+    assert [h['train']['loss'] for h in second['history']][2:] == [h['train']['loss'] for h in ref['history']][2:]
 
 
 def test_two_cpu_processes_match_one_process(tmp_path):
@@ -179,22 +183,24 @@ def test_two_cpu_processes_match_one_process(tmp_path):
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert diff < 1e-5, f'2-process SAM differs from 1 process by {diff}'
     two = json.loads((tmp_path / 'two' / 'report.json').read_text())
-    assert two['world_size'] == 2 and two['global_step'] == one['global_step'] == 4
+    assert two['world_size'] == 2 and two['progress']['updates_done'] == one['progress']['updates_done'] == 4
 
 
 @pytest.mark.parametrize('override, code, message', [
-    ('sam.rho=-0.1', 1, 'sam.rho is a radius and must be >= 0'),
-    ('loss.drw_epoch=4', 1, 'loss.drw_epoch=4 is outside the schedule'),
-    ('model.arch=resnet33', 1, "unknown teacher architecture 'resnet33'"),
+    ('sam.rho=-0.1', 2, 'sam.rho is a radius and must be >= 0'),
+    ('loss.drw_epoch=4', 2, 'loss.drw_epoch=4 is outside the schedule'),
+    ('model.name=resnet33', 2, "unknown teacher architecture 'resnet33'"),
     ('optim.lrr=0.1', 2, "unknown config key 'optim.lrr'"),
-    ('runtime.mixed_precision=fp16', 1, 'SAM cannot run under fp16'),
-    ('sam.schedule=step', 1, 'needs one more entry'),
+    ('runtime.mixed_precision=fp16', 2, 'SAM cannot run under fp16'),
+    ('sam.schedule=step', 2, 'needs one more entry'),
+    ('optim.accum_steps=2', 2, 'optim.accum_steps must be 1 with sam.enabled=true'),
 ])
 def test_bad_config_fails_before_training(tmp_path, capsys, override, code, message):
     out = tmp_path / 'bad'
     extra = ['sam.rho_steps=[0.1,0.2]'] if override == 'sam.schedule=step' else []
     assert _main(['--config', str(DIGITS), *SHORT, override, *extra, f'runtime.output_dir={out}']) == code
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.count('\n') == 1 and err.startswith('error: ')   # one line, no traceback
     assert not out.exists()        # nothing was written: the error came before any data or training
 
 
@@ -204,7 +210,7 @@ def test_bad_resume_checkpoint_fails_clearly(cli_run, tmp_path):
     shutil.copytree(full / 'checkpoints' / 'epoch00020', ckpt)
     sd, meta = load_model_file(ckpt / 'model.safetensors')
     save_model_file(ckpt / 'model.safetensors', sd, dict(meta, num_classes=100))
-    with pytest.raises(CheckpointError, match='checkpoint has 100 classes, the data has 10'):
+    with pytest.raises(CheckpointError, match='the checkpoint has num_classes=100 but this run builds 10'):
         train_teacher(_cfg(f'runtime.output_dir={tmp_path / "a"}', f'runtime.resume={ckpt}'))
     (ckpt / 'model.safetensors').write_bytes((ckpt / 'model.safetensors').read_bytes()[:3000])
     with pytest.raises(CheckpointError, match='truncated or corrupt'):
@@ -225,12 +231,13 @@ def test_published_teacher_configs_load():
     assert (c10.data.name, c10.data.imb_factor, c10.loss.type, c10.sam.rho, c10.loss.drw_epoch) == \
         ('cifar10_lt', 100.0, 'ldam', 0.8, 160)
     assert (c10.optim.lr, c10.optim.weight_decay, c10.optim.batch_size, c10.optim.epochs) == (0.1, 2e-4, 128, 200)
-    assert (c10.aug.crop, c10.aug.rand_augment, c10.aug.mixup, c10.aug.hflip) == ('pad_crop', None, 0.0, 0.5)
+    assert (c10.aug.crop, c10.aug.rand_augment, c10.aug.hflip) == ('pad_crop', None, 0.5)
+    assert (c10.optim.opt, c10.optim.sched_unit, c10.optim.decay_norm_and_bias) == ('sgd', 'epoch', True)
     ce = load_config(TeacherTrainConfig, REPO / 'configs' / 'teachers' / 'cifar10_lt_if100_ce_drw_sam.yaml')
     assert (ce.loss.type, ce.sam.rho) == ('ce', 0.5)
     inet = load_config(TeacherTrainConfig, REPO / 'configs' / 'teachers' / 'imagenet_lt_ldam_drw_sam.yaml')
     assert [sam_rho(inet.sam, e) for e in (4, 5, 59, 60, 74, 75, 89)] == [0.05, 0.1, 0.1, 0.5, 0.5, 0.5, 0.5]
-    assert (inet.model.arch, inet.optim.sched, inet.optim.warmup_epochs, inet.loss.max_m, inet.loss.drw_epoch) == \
+    assert (inet.model.name, inet.optim.sched, inet.optim.warmup_epochs, inet.loss.max_m, inet.loss.drw_epoch) == \
         ('resnet50', 'cosine', 0, 0.3, 60)
     inat = load_config(TeacherTrainConfig, REPO / 'configs' / 'teachers' / 'inat2018_ce_drw_sam.yaml')
     assert inat.sam.rho_steps == [0.05, 0.1, 0.1, 0.2] and inat.optim.lr == 0.1

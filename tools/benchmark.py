@@ -1,15 +1,16 @@
 """Throughput of a full DeiT-LT training step: the fast path against the published code's setup and the model alone.
 
 A step is everything training does per optimizer update: data (index gather or DataLoader), augmentation,
-Mixup/CutMix, the frozen teacher's forward on the mixed batch, the student's forward and backward, AdamW. Three
-measurements, each in a fresh process (its own precision, compile cache and memory statistics):
+Mixup/CutMix, the frozen teacher's forward on the mixed batch, the student's forward and backward, AdamW. Every path
+runs tools/train.py's own step (the `deit_lt.student` recipe, the `deit_lt.engine` micro-step and update),
+configured differently, each in a fresh process (its own precision, compile cache and memory statistics):
 
   fast       data held on the device, batched per-sample augmentation there (deit_lt.data.gpu_aug), bf16 autocast,
              fused AdamW, channels-last teacher, torch.compile per --compile (the defaults of tools/train.py)
   reference  configured like the official DeiT-LT code: 224 px DeiT-B/16, per-image PIL augmentation in DataLoader
              workers, fp16 AMP with a GradScaler, eager (no compile), teacher input resized to 32 px
-  ceiling    the fast path's student + teacher on one fixed random batch already on the device (no data, no
-             augmentation): the upper bound for the fast path
+  ceiling    the fast path's step on one fixed batch already on the device (no data loading, no augmentation;
+             Mixup, teacher and student as usual): the upper bound for the fast path
 
     python tools/benchmark.py                                                     # GPU defaults, all three paths
     python tools/benchmark.py --model deit_small_distilled_patch4_32 --paths fast,ceiling
@@ -42,97 +43,89 @@ CIFAR10_LT_SCHEDULE = 1200 * 12406   # images through the student in the officia
 def _dataset(args, img_size_native: int = 32):
     import numpy as np
     from deit_lt.config import DataConfig
-    from deit_lt.data import LTDataset, create_datasets, lt_class_counts
+    from deit_lt.data import LTDataset, class_splits_from_bounds, create_datasets, lt_class_counts
     if args.data:
         return create_datasets(DataConfig(name='cifar10_lt', root=args.data, imb_factor=100))['train']
     counts = lt_class_counts(5000, 10, 100)
     rng = np.random.default_rng(0)
     targets = np.repeat(np.arange(10), counts)
     images = rng.integers(0, 256, (len(targets), img_size_native, img_size_native, args.in_chans), dtype=np.uint8)
-    return LTDataset(name='cifar10_lt', split='train', targets=targets, num_classes=10,
-                     class_names=[str(i) for i in range(10)], images=images)
+    ds = LTDataset(name='cifar10_lt', split='train', targets=targets, num_classes=10,
+                   class_names=[str(i) for i in range(10)], images=images)
+    ds.splits = class_splits_from_bounds(10, 3, 7)
+    return ds
+
+
+def _teacher_file(args, folder: Path) -> Path:
+    """A randomly initialised teacher model file (the cost of a step does not depend on its weights)."""
+    import timm
+    import torch
+
+    import deit_lt.models  # noqa: F401  (registers resnet32)
+    from deit_lt.checkpoint import save_model_file
+    torch.manual_seed(0)
+    net = timm.create_model(args.teacher, num_classes=10, in_chans=args.in_chans)
+    meta = {'kind': 'teacher', 'arch': args.teacher, 'num_classes': 10, 'model_kwargs': {'in_chans': args.in_chans},
+            'img_size': args.teacher_size, 'in_chans': args.in_chans}
+    return save_model_file(folder / 'teacher.safetensors', net.state_dict(), meta)
+
+
+def _config(path: str, args, teacher: Path, cuda: bool):
+    """The student recipe of tools/train.py configured for one path."""
+    from deit_lt.config import TrainConfig, load_config
+    reference = path == 'reference'
+    model, img = (args.ref_model, args.ref_img_size) if reference else (args.model, args.img_size)
+    precision = 'no' if not cuda else ('fp16' if reference else 'bf16')
+    return load_config(TrainConfig, None, [
+        f'model.name={model}', f'model.img_size={img}', f'optim.batch_size={args.batch}', 'optim.accum_steps=1',
+        f'optim.fused={str(cuda and not reference).lower()}', 'distill.type=hard', 'distill.drw_epoch=null',
+        f'teacher.checkpoint={teacher}', f'teacher.img_size={args.teacher_size}',
+        f'aug.placement={"loader" if reference else "device"}', f'aug.num_workers={args.workers}',
+        f'runtime.mixed_precision={precision}', f'runtime.compile={"off" if reference else args.compile}',
+        f'runtime.channels_last={str(not reference).lower()}', f'runtime.cpu={str(args.cpu).lower()}',
+        'wandb.mode=disabled'])
 
 
 def measure(path: str, args) -> dict:
-    """One path in this process; returns its figures."""
-    import timm
+    """One path in this process: the training step of tools/train.py (`deit_lt.student` recipe, `deit_lt.engine`
+    micro-step and update), timed over `args.steps` updates after `args.warmup`; returns its figures."""
     import torch
-    from accelerate import Accelerator
-    from timm.data import Mixup
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import CosineLRScheduler
 
-    import deit_lt.models  # noqa: F401
-    import deit_lt.models  # noqa: F401
-    from deit_lt.config import AugConfig
-    from deit_lt.data.pipeline import create_train_batches
-    from deit_lt.data.samplers import create_sampler
-    from deit_lt.engine import EpochState, TeacherAdapter, train_one_epoch
-    from deit_lt.losses import DistillationLoss
+    from deit_lt.engine import forward_backward, optimizer_update
+    from deit_lt.runtime import create_accelerator
+    from deit_lt.student import student_parts
 
-    reference = path == 'reference'
     cuda = torch.cuda.is_available() and not args.cpu
-    mp = 'no' if not cuda else ('fp16' if reference else 'bf16')
-    accelerator = Accelerator(cpu=not cuda, mixed_precision=mp)
-    device = accelerator.device
-    model_name = args.ref_model if reference else args.model
-    img_size = args.ref_img_size if reference else args.img_size
-    compile_on = (not reference) and (args.compile == 'on' or (args.compile == 'auto' and cuda))
-    torch.manual_seed(0)
-    student = timm.create_model(model_name, num_classes=10, in_chans=args.in_chans, drop_path_rate=0.1,
-                                **({'img_size': img_size} if 'patch4_32' in model_name else {}))
-    student.set_distilled_training(True)
-    teacher_net = timm.create_model(args.teacher, num_classes=10, in_chans=args.in_chans)
-    channels_last = cuda and not reference
-    norm = ((0.485, 0.456, 0.406)[:args.in_chans], (0.229, 0.224, 0.225)[:args.in_chans])
-    teacher = TeacherAdapter(teacher_net, args.teacher_size, norm, channels_last=channels_last).to(device)
-    aug = AugConfig(placement='loader' if reference else 'device', num_workers=args.workers,
-                    mean=norm[0], std=norm[1])
-    opt_kwargs = {'fused': True} if (cuda and not reference) else {}
-    optimizer = create_optimizer_v2(student, 'adamw', lr=5e-4, weight_decay=0.05, **opt_kwargs)
-    dataset = _dataset(args)
-    criterion = DistillationLoss(dataset.train_counts, drw_epoch=None).to(device)
-    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=10)
-    student.to(device)
-    if compile_on:
-        student = torch.compile(student)
-        teacher = torch.compile(teacher)
-    student, optimizer = accelerator.prepare(student, optimizer)
-    sched = CosineLRScheduler(optimizer, t_initial=10 ** 6, t_in_epochs=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = _config(path, args, _teacher_file(args, Path(tmp)), cuda)
+        accelerator = create_accelerator(cfg.runtime)
+        data = _dataset(args)
+        parts = student_parts(cfg, accelerator, sets={'train': data, 'test': data})
+    model = parts.model.to(accelerator.device)
+    if parts.compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, parts.optimizer)
+    parts.on_epoch(0)
+    model.train()
 
-    def sync():
+    def batches():
+        epoch = 0
+        while True:
+            for batch in parts.train_batches.iter_epoch(epoch):
+                yield batch
+            epoch += 1
+    stream = batches()
+    fixed = next(stream) if path == 'ceiling' else None
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            batch = fixed if fixed is not None else next(stream)
+            if fixed is not None:    # Mixup mixes in place: keep the fixed batch as it was
+                batch = type(batch)(batch.x.clone(), batch.y, batch.x_clean)
+            inputs, _, _ = forward_backward(parts, model, accelerator, batch)
+            optimizer_update(parts, model, optimizer, accelerator, inputs)
         if cuda:
             torch.cuda.synchronize()
-
-    if path == 'ceiling':
-        x = torch.randn(args.batch, args.in_chans, img_size, img_size, device=device)
-        y = torch.randint(0, 10, (args.batch,), device=device)
-        student.train()
-
-        def run(n):
-            for _ in range(n):
-                with accelerator.autocast():
-                    t = teacher(x)
-                    cls, dist = student(x)
-                    loss, _ = criterion(cls, dist, y, t)
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            sync()
-    else:
-        sampler = create_sampler('repeated_aug', dataset.targets, seed=0)
-        batches = create_train_batches(dataset, aug, img_size=img_size, batch_size=args.batch, device=device,
-                                       sampler=sampler, seed=0)
-        state = EpochState(epoch=0)
-
-        def run(n):
-            target = state.updates + n
-            while state.updates < target:
-                train_one_epoch(student, criterion, batches, optimizer, sched, accelerator, state, teacher=teacher,
-                                mixup_fn=mixup, log_every=10 ** 9, max_updates=target)
-                if state.step >= len(batches):
-                    state.epoch, state.step = state.epoch + 1, 0
-            sync()
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -144,12 +137,13 @@ def measure(path: str, args) -> dict:
     dt = time.perf_counter() - t0
     ips = args.steps * args.batch / dt
     return {
-        'path': path, 'model': model_name, 'img_size': img_size, 'batch': args.batch, 'precision': mp,
-        'compile': compile_on, 'device': torch.cuda.get_device_name() if cuda else 'cpu',
+        'path': path, 'model': cfg.model.name, 'img_size': cfg.model.img_size, 'batch': args.batch,
+        'precision': accelerator.mixed_precision, 'compile': parts.compile,
+        'device': torch.cuda.get_device_name() if cuda else 'cpu',
         'images_per_s': ips, 'step_ms': 1000 * dt / args.steps, 'warmup_s': warm,
         'peak_mem_gb': torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
-        'placement': 'synthetic batch' if path == 'ceiling' else aug.placement,
-        'workers': args.workers if reference else 0, 'torch': torch.__version__,
+        'placement': 'fixed batch on the device' if path == 'ceiling' else cfg.aug.placement,
+        'workers': args.workers if path == 'reference' else 0, 'torch': torch.__version__,
         'schedule_hours': CIFAR10_LT_SCHEDULE / ips / 3600,
     }
 

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / 'results'
 
 # Published top-1 (overall / head / mid / tail where given), from the DeiT-LT project page, README and the teacher
-# papers (see ../shared/docs/deit_lt.md section 9, teachers_sam.md section 10). Keys: (dataset, IF, row).
+# papers (DeiT-LT project page and val-iisc/DeiT-LT README; Saddle-LongTail README). Keys: (dataset, IF, row).
 PUBLISHED = {
     ('cifar10_lt', 100, 'teacher_ldam_drw_sam'): (81.9,), ('cifar10_lt', 100, 'teacher_ce_drw_sam'): (80.6,),
     ('cifar10_lt', 50, 'teacher_ldam_drw_sam'): (84.8,),

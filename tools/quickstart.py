@@ -73,7 +73,7 @@ def collect(out: Path) -> list[dict]:
     vit = json.loads((out / 'vit' / 'report.json').read_text())
     deit = json.loads((out / 'deit_lt' / 'report.json').read_text())
     reb = json.loads((out / 'vit_rebalance' / 'report.json').read_text())
-    rows = [_row('Teacher ResNet-32 (LDAM+DRW+SAM)', teacher['last']['test']),
+    rows = [_row('Teacher ResNet-32 (LDAM+DRW+SAM)', teacher['last']['test']['logits']),
             _row('ViT (no teacher)', vit['last']['test']['logits'])]
     for method, label in (('crt', 'ViT + cRT'), ('tau_norm', 'ViT + tau-norm')):
         if method in reb['methods']:
@@ -94,7 +94,7 @@ def plot(out: Path) -> Path:
     from deit_lt.tracking import plot_per_class_accuracy
     vit = json.loads((out / 'vit' / 'report.json').read_text())['last']['test']
     deit = json.loads((out / 'deit_lt' / 'report.json').read_text())
-    teacher = json.loads((out / 'teacher' / 'report.json').read_text())['last']['test']
+    teacher = json.loads((out / 'teacher' / 'report.json').read_text())['last']['test']['logits']
     d = deit['last']['test']
     counts = json.loads((out / 'teacher' / 'class_counts.json').read_text())
     counts = counts.get('train_counts', counts) if isinstance(counts, dict) else counts

@@ -19,16 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
 
-from deit_lt.config import ConfigError  # noqa: E402
-from deit_lt.checkpoint import CheckpointError  # noqa: E402
-from deit_lt.data.lt_datasets import DatasetError  # noqa: E402
-from deit_lt.rebalance import (RebalanceError, format_table, load_rebalance_config,  # noqa: E402
-                               run_rebalance)
+from deit_lt.cli import run_tool  # noqa: E402
+from deit_lt.rebalance import format_table, load_rebalance_config, run_rebalance  # noqa: E402
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--checkpoint', required=True, help='deit-lt model file (.safetensors) of a student or teacher')
     p.add_argument('--method', default=None,
                    help='crt, tau_norm, lws, ncm, all, or a comma list (default: the config\'s methods, i.e. all)')
@@ -40,12 +36,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s', datefmt='%H:%M:%S')
-    try:
-        cfg = load_rebalance_config(args.config, args.overrides, checkpoint=args.checkpoint, methods=args.method)
-        report = run_rebalance(cfg)
-    except (RebalanceError, ConfigError, CheckpointError, DatasetError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    cfg = load_rebalance_config(args.config, args.overrides, checkpoint=args.checkpoint, methods=args.method)
+    report = run_rebalance(cfg)
     for split in ('val', 'test'):
         if split in report['joint']:
             print('\n' + format_table(report, split))
@@ -54,4 +46,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -30,6 +30,7 @@ import torch.utils.data
 from PIL import Image
 
 from ..config import DataConfig
+from ..errors import DatasetError
 
 __all__ = [
     'ClassSplits', 'LTDataset', 'DatasetError', 'create_datasets', 'lt_class_counts', 'canonical_lt_indices',
@@ -57,10 +58,6 @@ _LIST_DEFAULTS = {
                       num_classes=365),
     'image_list': dict(train=None, val=None, test=None, num_classes=None),
 }
-
-
-class DatasetError(ValueError):
-    """Bad dataset options or files: says what is wrong and what to do."""
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -23,17 +23,13 @@ import torch
 import torch.utils.data
 
 from ..config import AugConfig
+from ..seeding import step_seed
 from .lt_datasets import LTDataset
 from .samplers import LTSampler
 from .transforms import build_eval_transform, build_train_transform, default_crop_pct, resolve_norm
 
 __all__ = ['Batch', 'resolve_placement', 'TrainBatches', 'DeviceTrainBatches', 'LoaderTrainBatches',
-           'create_train_batches', 'EvalBatches', 'create_eval_batches', 'step_seed']
-
-
-def step_seed(*keys: int) -> int:
-    """A 63-bit seed from a tuple of integers (seed, epoch, step, rank, ...), well mixed by SeedSequence."""
-    return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+           'create_train_batches', 'EvalBatches', 'create_eval_batches']
 
 
 @dataclass
@@ -204,6 +200,9 @@ def create_train_batches(dataset: LTDataset, cfg: AugConfig, *, img_size: int, b
     With placement 'auto' (None here and cfg.placement 'auto'), a recipe the device path does not implement (e.g.
     an AutoAugment policy) falls back to the loader with a warning.
     """
+    if len(sampler) < batch_size:
+        raise ValueError(f'the batch ({batch_size} per device) is larger than the samples one device sees per '
+                         f'epoch ({len(sampler)}); lower optim.batch_size')
     common = dict(img_size=img_size, batch_size=batch_size, device=torch.device(device), sampler=sampler, seed=seed,
                   rank=rank, return_clean=return_clean, drop_last=drop_last)
     chosen = placement or resolve_placement(dataset, cfg, max_device_mb)

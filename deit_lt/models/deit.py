@@ -6,15 +6,26 @@ a 4-block "micro" DeiT with 2x2 patches at 8x8 for the bundled digits dataset. N
 only) serve as the ViT baseline. All are timm `VisionTransformerDistilled` / `VisionTransformer` instances built
 through `build_model_with_cfg`, so `timm.create_model(name, num_classes=..., drop_path_rate=..., in_chans=...)`
 works as for any timm model; none has pretrained weights (nothing is ever downloaded).
+
+AGLU students (Alexandridis et al., "Adaptive Parametric Activation", ECCV 2024): every model here takes
+`act_layer='aglu'`, which replaces the GELU of each block's MLP by its own AGLU (one scalar kappa and lambda per
+block, the 'swin' init of the official code, kostas1515/AGLU@ed45253ea23421bf1ef5f78773b4a28d433fa620
+mmdetection_v3.2/mmdet/models/backbones/swin.py:52-79, the only transformer upstream), with `act_kwargs` for other
+AGLU settings. The `*_aglu` names register the same students with AGLU as their default, including the paper-size
+`deit_base_distilled_patch16_224_aglu` (timm's own `deit_base_distilled_patch16_224` is built by timm, which does
+not know the name 'aglu'). The attention softmax is left alone: APA in attention has no ViT counterpart upstream.
 """
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import checkpoint_filter_fn
+
+from .layers.apa import AGLU, resolve_act_layer
 
 __all__ = []  # filled by register_model
 
@@ -40,13 +51,32 @@ default_cfgs = generate_default_cfgs({
     **{f'deit_{s}_patch4_32.untrained': _cfg(32) for s in ('tiny', 'small', 'base')},
     'deit_micro_distilled_patch2_8.untrained': _cfg(8, classifier=('head', 'head_dist')),
     'deit_micro_patch2_8.untrained': _cfg(8),
+    **{f'deit_{s}_distilled_patch4_32_aglu.untrained': _cfg(32, classifier=('head', 'head_dist'))
+       for s in ('tiny', 'small', 'base')},
+    'deit_micro_distilled_patch2_8_aglu.untrained': _cfg(8, classifier=('head', 'head_dist')),
+    # timm's DeiT cfg for 224 px (crop 0.875); only informative, the data configs set the transforms.
+    'deit_base_distilled_patch16_224_aglu.untrained': _cfg(224, crop_pct=0.875, classifier=('head', 'head_dist')),
 })
 
 
+def _act_layer(act_layer: Any, act_kwargs: dict[str, Any] | None):
+    """The MLP activation constructor: 'aglu' (or the AGLU class) -> AGLU with the transformer ('swin') init and
+    scalar parameters; other names / classes as timm takes them (act_kwargs bound to them if given)."""
+    if act_layer is AGLU or (isinstance(act_layer, str) and act_layer.lower() == 'aglu'):
+        return resolve_act_layer('aglu', **dict(dict(init='swin'), **(act_kwargs or {})))
+    if act_kwargs:
+        return resolve_act_layer('gelu' if act_layer is None else act_layer, **act_kwargs)
+    return act_layer    # a timm name or class (None: timm's GELU), resolved by timm itself
+
+
 def _create(variant: str, size: str, default_patch: int, default_img: int, distilled: bool, pretrained: bool,
-            **kwargs):
+            default_act: str | None = None, **kwargs):
     if pretrained:
         raise ValueError(f'{variant} has no pretrained weights; DeiT-LT students are trained from scratch')
+    act_kwargs = kwargs.pop('act_kwargs', None)
+    act_layer = kwargs.pop('act_layer', default_act)
+    if act_layer is not None or act_kwargs:
+        kwargs['act_layer'] = _act_layer(act_layer, act_kwargs)
     model_args = dict(img_size=default_img, patch_size=default_patch, **_SIZES[size])   # kwargs may override
     return build_model_with_cfg(
         VisionTransformerDistilled if distilled else VisionTransformer,
@@ -103,3 +133,33 @@ def deit_micro_distilled_patch2_8(pretrained=False, **kwargs) -> VisionTransform
 def deit_micro_patch2_8(pretrained=False, **kwargs) -> VisionTransformer:
     """ViT baseline of the micro size, 2x2 patches at 8x8."""
     return _create('deit_micro_patch2_8', 'micro', 2, 8, False, pretrained, **kwargs)
+
+
+@register_model
+def deit_base_distilled_patch16_224_aglu(pretrained=False, **kwargs) -> VisionTransformerDistilled:
+    """DeiT-B/16 at 224 px with CLS + DIST tokens (the DeiT-LT paper's student) and AGLU in every MLP."""
+    return _create('deit_base_distilled_patch16_224_aglu', 'base', 16, 224, True, pretrained, 'aglu', **kwargs)
+
+
+@register_model
+def deit_tiny_distilled_patch4_32_aglu(pretrained=False, **kwargs) -> VisionTransformerDistilled:
+    """DeiT-Ti/4 at 32 px with CLS + DIST tokens and AGLU in every MLP."""
+    return _create('deit_tiny_distilled_patch4_32_aglu', 'tiny', 4, 32, True, pretrained, 'aglu', **kwargs)
+
+
+@register_model
+def deit_small_distilled_patch4_32_aglu(pretrained=False, **kwargs) -> VisionTransformerDistilled:
+    """DeiT-S/4 at 32 px with CLS + DIST tokens and AGLU in every MLP (the fast CIFAR setting)."""
+    return _create('deit_small_distilled_patch4_32_aglu', 'small', 4, 32, True, pretrained, 'aglu', **kwargs)
+
+
+@register_model
+def deit_base_distilled_patch4_32_aglu(pretrained=False, **kwargs) -> VisionTransformerDistilled:
+    """DeiT-B/4 at 32 px with CLS + DIST tokens and AGLU in every MLP."""
+    return _create('deit_base_distilled_patch4_32_aglu', 'base', 4, 32, True, pretrained, 'aglu', **kwargs)
+
+
+@register_model
+def deit_micro_distilled_patch2_8_aglu(pretrained=False, **kwargs) -> VisionTransformerDistilled:
+    """The micro DeiT (digits, tests) with CLS + DIST tokens and AGLU in every MLP."""
+    return _create('deit_micro_distilled_patch2_8_aglu', 'micro', 2, 8, True, pretrained, 'aglu', **kwargs)

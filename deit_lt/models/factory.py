@@ -1,8 +1,8 @@
-"""Rebuild models from deit-lt checkpoints, and read the two heads of a distilled student.
+"""Rebuild models from deit-lt checkpoints, and read every predictor a model offers.
 
 A deit-lt model file (see `deit_lt.checkpoint`) records `arch` (a timm registry name), `num_classes` and
 `model_kwargs`; `timm.create_model(arch, pretrained=False, num_classes=..., **model_kwargs)` rebuilds the exact
-module, students and teachers alike (teachers register their CNNs in timm when `teachers` is imported).
+module, students and CNNs alike (`deit_lt.models` registers all of them in timm).
 """
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import timm
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, load_model_file
+from ..checkpoint import load_model_file
+from ..errors import CheckpointError
 
-__all__ = ['unwrap_model', 'is_distilled', 'model_outputs', 'create_model_from_meta', 'create_model_from_checkpoint',
-           'load_state_dict_checked']
+__all__ = ['unwrap_model', 'is_distilled', 'model_outputs', 'model_predictors', 'headline_predictor',
+           'create_model_from_meta', 'create_model_from_checkpoint', 'load_state_dict_checked']
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -49,13 +50,32 @@ def model_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torc
     return m.head(m.head_drop(tokens[:, 0])), m.head_dist(m.head_drop(tokens[:, 1]))
 
 
-def _register_all() -> None:
-    from . import cnn, deit  # noqa: F401  (registers the students, the CIFAR ResNets and cosine_cnn)
+def model_predictors(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every prediction a model offers, as logits (B, C) by name.
+
+    - distilled students: 'cls', 'dist' and 'avg' = (cls + dist) / 2 (DeiT-LT's three predictors);
+    - multi-expert CNNs (a `forward_experts` method returning {'logits': (E, B, C), ...}): 'logits' = the mean over
+      experts (the ensemble) and 'expert0', 'expert1', ...;
+    - any other model: 'logits'.
+    """
+    m = unwrap_model(model)
+    if hasattr(m, 'head_dist'):
+        z_cls, z_dist = model_outputs(model, x)
+        return {'cls': z_cls, 'dist': z_dist, 'avg': (z_cls + z_dist) / 2}
+    if hasattr(m, 'forward_experts'):
+        experts = m.forward_experts(x)['logits']
+        return {'logits': experts.mean(0), **{f'expert{i}': z for i, z in enumerate(experts)}}
+    return {'logits': model(x)}
+
+
+def headline_predictor(model: nn.Module) -> str:
+    """The predictor a run is judged and selected by: AVG for distilled students (as DeiT-LT), else 'logits'."""
+    return 'avg' if is_distilled(model) else 'logits'
 
 
 def create_model_from_meta(meta: dict[str, Any], **overrides) -> nn.Module:
-    """`timm.create_model` from a checkpoint's metadata (never downloads weights)."""
-    _register_all()
+    """`timm.create_model` from a checkpoint's metadata (never downloads weights). Every architecture of the project
+    is registered in timm by `deit_lt.models/__init__.py`, which runs before this module."""
     if not meta or 'arch' not in meta:
         raise CheckpointError('checkpoint metadata has no architecture (arch); is this a deit-lt checkpoint?')
     kwargs = dict(meta.get('model_kwargs') or {})

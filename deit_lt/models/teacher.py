@@ -1,6 +1,6 @@
-"""Load a trained CNN teacher for distillation, whatever format it comes in.
+"""Load a trained CNN teacher for distillation, whatever format it comes in, and adapt it to the student's batch.
 
-Formats (teachers_sam.md section 9.5, deit_lt.md section 7.3):
+Formats:
 - 'deit_lt': our model files (.safetensors with deit-lt metadata): architecture, head, normalisation and input
   size come from the file.
 - 'state_dict': a plain ResNet-32 / ResNet-50 state dict (.pth / .pth.tar), bare or under 'state_dict' / 'model',
@@ -20,18 +20,20 @@ from __future__ import annotations
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import CheckpointError, load_model_file, read_model_meta
+from ..checkpoint import load_model_file, read_model_meta
+from ..errors import CheckpointError
 from .factory import create_model_from_meta, load_state_dict_checked
 
 from .cnn import create_teacher_model, display_arch, has_cosine_head
 from .layers.normed_linear import COSINE_LOGIT_SCALE
 
-__all__ = ['load_teacher', 'read_state_dict', 'TEACHER_FORMATS']
+__all__ = ['load_teacher', 'read_state_dict', 'TEACHER_FORMATS', 'TeacherAdapter']
 
 TEACHER_FORMATS = ('auto', 'deit_lt', 'state_dict', 'paco')
 _PACO_DROP = ('encoder_k.', 'linear_k.', 'queue', 'queue_l', 'queue_ptr')
@@ -273,3 +275,65 @@ def _classifier_name(model: nn.Module) -> str:
     if not name:
         raise CheckpointError(f'{type(model).__name__} does not name its classifier; cannot map the head weights')
     return name
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The teacher inside a student run
+# --------------------------------------------------------------------------------------------------------------
+
+class TeacherAdapter(nn.Module):
+    """A frozen teacher that reads the student's input batch.
+
+    The batch is resized to the teacher's input size (bicubic, no antialiasing: what torchvision 0.15's tensor
+    Resize did in the official code), re-normalised when the teacher was trained with another mean/std, and put in
+    channels-last memory format on GPU. Teacher logits can be scaled (for soft distillation of an LDAM teacher,
+    whose cosine head outputs cosines) and permuted into the student's sorted label space (`class_map`). A
+    multi-expert teacher gives its ensemble logits, or with `routed` those of the experts its router selects.
+    """
+
+    def __init__(self, model: nn.Module, img_size: int | None, student_norm: tuple[Sequence[float], Sequence[float]],
+                 teacher_norm: tuple[Sequence[float], Sequence[float]] | None = None, logit_scale: float = 1.0,
+                 class_map: Sequence[int] | None = None, channels_last: bool = False, routed: bool = False):
+        super().__init__()
+        if routed and not hasattr(model, 'forward_routed'):
+            raise CheckpointError(f'{type(model).__name__} has no expert router: routed teacher inference needs a '
+                                  f'multi-expert teacher trained with a router (teacher.routed=false otherwise)')
+        self.routed = routed
+        self.model = model.eval().requires_grad_(False)
+        self.img_size = img_size
+        self.logit_scale = logit_scale
+        s_mean, s_std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in student_norm)
+        self.renorm = teacher_norm is not None and (list(teacher_norm[0]) != list(student_norm[0]) or
+                                                    list(teacher_norm[1]) != list(student_norm[1]))
+        t_mean, t_std = ((torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in teacher_norm)
+                         if self.renorm else (s_mean, s_std))
+        # x_t = (x_s * std_s + mean_s - mean_t) / std_t as one affine map
+        self.register_buffer('scale', s_std / t_std, persistent=False)
+        self.register_buffer('shift', (s_mean - t_mean) / t_std, persistent=False)
+        if class_map is not None:
+            # class_map[original id] = student label; column r of the student-space logits is original id of rank r
+            self.register_buffer('perm', torch.argsort(torch.as_tensor(class_map)), persistent=False)
+        else:
+            self.perm = None
+        self.channels_last = channels_last
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def train(self, mode: bool = True):  # the teacher stays in eval mode (BatchNorm running statistics)
+        return super().train(False)
+
+    @torch.no_grad()  # not inference_mode: the result feeds the student's loss, which is differentiated
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.img_size is not None and x.shape[-1] != self.img_size:
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode='bicubic', align_corners=False,
+                              antialias=False)
+        if self.renorm:
+            x = x * self.scale + self.shift
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = (self.model.forward_routed(x)[0] if self.routed else self.model(x)).float()
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
+        if self.perm is not None:
+            logits = logits[:, self.perm]
+        return logits

@@ -16,7 +16,7 @@ interface, `fit(train, heads, cfg, *, val, groups, device, seed) -> RebalanceRes
 """
 from .base import LinearHead, LinearResult, RebalanceResult, joint_logits, linear_head, with_average
 from .config import (METHOD_NAMES, CRTConfig, FeatureConfig, HeadTrainingConfig, LWSConfig, NCMConfig,
-                     RebalanceConfig, RebalanceError, TauNormConfig, load_rebalance_config, resolve_methods)
+                     RebalanceConfig, TauNormConfig, load_rebalance_config, resolve_methods)
 from .features import FeatureSet, HeadSpec, extract_features, load_or_extract, model_heads
 from .lws import ScaledLinear
 from .ncm import NCMClassifier, NCMResult, load_ncm, save_ncm

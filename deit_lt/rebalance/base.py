@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
-from .config import RebalanceError
+from ..errors import ConfigError
 from .features import FeatureSet, HeadSpec
 
 __all__ = ['LinearHead', 'RebalanceResult', 'LinearResult', 'with_average', 'joint_logits', 'linear_head',
@@ -65,7 +65,7 @@ def joint_logits(heads: list[HeadSpec], feats: FeatureSet) -> dict[str, torch.Te
 def linear_head(spec: HeadSpec, method: str) -> LinearHead:
     """The stage-1 head as a `LinearHead`; methods that rescale the stage-1 classifier need it to be nn.Linear."""
     if not spec.is_linear:
-        raise RebalanceError(
+        raise ConfigError(
             f'{method} rescales the stage-1 linear classifier, but head {spec.module_name!r} is a '
             f'{type(spec.module).__name__}, not nn.Linear (a cosine/LDAM head?). Use crt or ncm, which only need '
             f'the features.')
@@ -82,7 +82,7 @@ def select_heads(heads: list[HeadSpec], names: list[str] | None, option: str) ->
     known = [h.name for h in heads]
     bad = [n for n in names if n not in known]
     if bad or not names:
-        raise RebalanceError(f'{option}={names!r}: this model\'s heads are {", ".join(known)}')
+        raise ConfigError(f'{option}={names!r}: this model\'s heads are {", ".join(known)}')
     return [h for h in heads if h.name in names]
 
 

@@ -19,20 +19,16 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 from ..checkpoint import read_model_meta
-from ..config import (AugConfig, ConfigError, DataConfig, RuntimeConfig, WandbConfig, apply_overrides, from_dict,
+from ..config import (ConfigError, DataConfig, EvalAugConfig, EvalRuntimeConfig, WandbConfig, apply_overrides, from_dict,
                       load_yaml_with_bases)
 
-__all__ = ['METHOD_NAMES', 'RebalanceError', 'FeatureConfig', 'HeadTrainingConfig', 'CRTConfig', 'LWSConfig',
+__all__ = ['METHOD_NAMES', 'FeatureConfig', 'HeadTrainingConfig', 'CRTConfig', 'LWSConfig',
            'TauNormConfig', 'NCMConfig', 'RebalanceConfig', 'resolve_methods', 'load_rebalance_config',
            'default_output_dir']
 
 _logger = logging.getLogger(__name__)
 
 METHOD_NAMES = ('crt', 'tau_norm', 'lws', 'ncm')
-
-
-class RebalanceError(ValueError):
-    """Input the re-balancing methods cannot work with; the message says what is wrong and what to do."""
 
 
 def _tau_grid() -> list[float]:
@@ -98,9 +94,9 @@ class RebalanceConfig:
     checkpoint: str | None = None       # a deit-lt model file (.safetensors): student or teacher
     methods: list[str] = dataclasses.field(default_factory=lambda: ['all'])
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    aug: AugConfig = dataclasses.field(default_factory=AugConfig)   # only the eval transform is used
+    aug: EvalAugConfig = dataclasses.field(default_factory=EvalAugConfig)   # features use the eval transform
     # output_dir '' = runs/rebalance/<checkpoint folder>_<checkpoint name>
-    runtime: RuntimeConfig = dataclasses.field(default_factory=lambda: RuntimeConfig(output_dir=''))
+    runtime: EvalRuntimeConfig = dataclasses.field(default_factory=lambda: EvalRuntimeConfig(output_dir=''))
     wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
     features: FeatureConfig = dataclasses.field(default_factory=FeatureConfig)
     crt: CRTConfig = dataclasses.field(default_factory=CRTConfig)
@@ -116,10 +112,10 @@ def resolve_methods(methods: Iterable[str] | str) -> list[str]:
         methods = [methods]
     names = [m.strip() for item in methods for m in str(item).split(',') if m.strip()]
     if not names:
-        raise RebalanceError(f'no method given; choose from {", ".join(METHOD_NAMES)} or all')
+        raise ConfigError(f'no method given; choose from {", ".join(METHOD_NAMES)} or all')
     unknown = [m for m in names if m not in METHOD_NAMES + ('all',)]
     if unknown:
-        raise RebalanceError(f'unknown method {unknown[0]!r}; choose from {", ".join(METHOD_NAMES)} or all')
+        raise ConfigError(f'unknown method {unknown[0]!r}; choose from {", ".join(METHOD_NAMES)} or all')
     if 'all' in names:
         return list(METHOD_NAMES)
     return [m for m in METHOD_NAMES if m in names]
@@ -164,16 +160,16 @@ def load_rebalance_config(path: str | os.PathLike | None = None, overrides: Iter
     resolve_methods(raw.get('methods', ['all']))   # fail on a bad method name before reading anything
     ckpt = raw.get('checkpoint')
     if not ckpt:
-        raise RebalanceError('no checkpoint given: pass --checkpoint path/to/model.safetensors')
+        raise ConfigError('no checkpoint given: pass --checkpoint path/to/model.safetensors')
     meta = read_model_meta(ckpt)
     if meta is None:
-        raise RebalanceError(f'{ckpt} has no deit-lt metadata; re-balancing needs a deit-lt model file '
+        raise ConfigError(f'{ckpt} has no deit-lt metadata; re-balancing needs a deit-lt model file '
                              f'(written by tools/train.py or the teacher tools)')
     source = meta.get('config') or {}
     data = _section_from_checkpoint(source.get('data'), DataConfig, 'data')
     if not data and isinstance(meta.get('dataset'), dict):
         data = _section_from_checkpoint(meta['dataset'], DataConfig, 'dataset')
-    aug = _section_from_checkpoint(source.get('aug'), AugConfig, 'aug')
+    aug = _section_from_checkpoint(source.get('aug'), EvalAugConfig, 'aug')
     if meta.get('mean') and meta.get('std'):
         aug.update(mean=list(meta['mean']), std=list(meta['std']))   # the normalisation the model expects
     for key, base in (('data', data), ('aug', aug)):

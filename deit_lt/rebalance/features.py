@@ -9,7 +9,8 @@ head's input, so the tokens are taken directly. Single-head models (plain ViTs, 
 
 ViTs have no BatchNorm, so running the frozen backbone in eval mode loses nothing; for CNN teachers this departs
 from the official cRT/LWS code, which leaves the frozen backbone in train mode and so re-estimates BatchNorm
-statistics on class-balanced batches (decoupling.md, Sec. 4.1, quirk 1).
+statistics on class-balanced batches (facebookresearch/classifier-balancing `run_networks.py` puts every
+network in train mode, frozen or not).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from ..models.factory import is_distilled, unwrap_model
-from .config import RebalanceError
+from ..errors import ConfigError
 
 __all__ = ['HeadSpec', 'FeatureSet', 'model_heads', 'extract_features', 'cache_key',
            'load_or_extract']
@@ -92,10 +93,10 @@ class FeatureSet:
         """A stored feature, or 'concat' = [cls, dist] along the feature axis (N, 2d)."""
         if name == 'concat' and 'concat' not in self.features:
             if not {'cls', 'dist'} <= set(self.features):
-                raise RebalanceError("the 'concat' feature needs a distilled student (CLS and DIST tokens)")
+                raise ConfigError("the 'concat' feature needs a distilled student (CLS and DIST tokens)")
             return torch.cat([self.features['cls'], self.features['dist']], dim=1)
         if name not in self.features:
-            raise RebalanceError(f'no feature {name!r}; this model has {", ".join(self.feature_choices())}')
+            raise ConfigError(f'no feature {name!r}; this model has {", ".join(self.feature_choices())}')
         return self.features[name]
 
     def feature_choices(self) -> list[str]:
@@ -112,14 +113,14 @@ def _qualified_name(model: nn.Module, module: nn.Module) -> str:
     for name, m in model.named_modules():
         if m is module:
             return name
-    raise RebalanceError('the classifier returned by get_classifier() is not a submodule of the model')
+    raise ConfigError('the classifier returned by get_classifier() is not a submodule of the model')
 
 
 def model_heads(model: nn.Module) -> list[HeadSpec]:
     """The classifier heads of a distilled student (CLS, DIST) or of a single-head timm-style model.
 
     Raises:
-        RebalanceError: the model has neither a DIST head nor timm's `forward_features` / `forward_head` /
+        ConfigError: the model has neither a DIST head nor timm's `forward_features` / `forward_head` /
             `get_classifier` interface, or its classifier is missing (num_classes=0).
     """
     m = unwrap_model(model)
@@ -128,17 +129,17 @@ def model_heads(model: nn.Module) -> list[HeadSpec]:
         return [HeadSpec('cls', 'cls', 'head', m.head, c), HeadSpec('dist', 'dist', 'head_dist', m.head_dist, c)]
     missing = [a for a in ('forward_features', 'forward_head', 'get_classifier') if not hasattr(m, a)]
     if missing:
-        raise RebalanceError(f'{type(m).__name__} lacks {", ".join(missing)}: re-balancing needs a timm-style model '
+        raise ConfigError(f'{type(m).__name__} lacks {", ".join(missing)}: re-balancing needs a timm-style model '
                              f'(forward_features, forward_head(x, pre_logits=True), get_classifier())')
     clf = m.get_classifier()
     if isinstance(clf, (tuple, list)):
-        raise RebalanceError(f'{type(m).__name__}.get_classifier() returns {len(clf)} heads; only the distilled '
+        raise ConfigError(f'{type(m).__name__}.get_classifier() returns {len(clf)} heads; only the distilled '
                              f'student layout (head, head_dist) is known')
     if isinstance(clf, nn.Identity):
-        raise RebalanceError(f'{type(m).__name__} has no classifier (num_classes=0?)')
+        raise ConfigError(f'{type(m).__name__} has no classifier (num_classes=0?)')
     num_classes = getattr(m, 'num_classes', None) or getattr(clf, 'out_features', None)
     if not num_classes:
-        raise RebalanceError(f'{type(m).__name__} does not say how many classes it predicts (no num_classes)')
+        raise ConfigError(f'{type(m).__name__} does not say how many classes it predicts (no num_classes)')
     return [HeadSpec('logits', 'feat', _qualified_name(m, clf), clf, int(num_classes))]
 
 
@@ -180,7 +181,7 @@ def extract_features(model: nn.Module, batches: Iterable[tuple[torch.Tensor, tor
     finally:
         model.train(was_training)
     if not targets:
-        raise RebalanceError('no batches to extract features from (empty split?)')
+        raise ConfigError('no batches to extract features from (empty split?)')
     feats = {k: torch.cat(v)[:num_samples] for k, v in parts.items()}
     return FeatureSet(feats, torch.cat(targets).long()[:num_samples])
 
@@ -242,7 +243,7 @@ def load_or_extract(model: nn.Module, make_batches: Callable[[], Iterable[tuple[
                 return feats, path, True
     feats = extract_features(model, make_batches(), autocast=autocast, num_samples=len(targets))
     if not torch.equal(feats.targets, targets):
-        raise RebalanceError(f'the {key["split"]} batches are not in dataset order (labels differ); '
+        raise ConfigError(f'the {key["split"]} batches are not in dataset order (labels differ); '
                              f'features would be misaligned')
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

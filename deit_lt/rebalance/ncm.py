@@ -21,7 +21,8 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, load_model_file, save_model_file
 from .base import RebalanceResult
-from .config import NCMConfig, RebalanceError
+from ..errors import ConfigError
+from .config import NCMConfig
 from .features import FeatureSet, HeadSpec
 
 __all__ = ['NCMClassifier', 'NCMResult', 'fit', 'save_ncm', 'load_ncm']
@@ -40,7 +41,7 @@ class NCMClassifier(nn.Module):
     def __init__(self, mean: torch.Tensor, centroids: torch.Tensor, feat_type: str = 'cl2n', dist: str = 'l2'):
         super().__init__()
         if feat_type not in ('un', 'l2n', 'cl2n') or dist not in ('l2', 'cos'):
-            raise RebalanceError(f'NCM variant {feat_type!r}/{dist!r} unknown: feat_type un|l2n|cl2n, dist l2|cos')
+            raise ConfigError(f'NCM variant {feat_type!r}/{dist!r} unknown: feat_type un|l2n|cl2n, dist l2|cos')
         self.register_buffer('mean', mean.float())
         self.register_buffer('centroids', centroids.float())
         self.feat_type = feat_type
@@ -68,7 +69,7 @@ class NCMClassifier(nn.Module):
         counts = torch.bincount(y, minlength=num_classes)
         if (counts == 0).any():
             missing = torch.nonzero(counts == 0).flatten()[:10].tolist()
-            raise RebalanceError(f'NCM: classes without training samples: {missing}')
+            raise ConfigError(f'NCM: classes without training samples: {missing}')
         x = x.float()
         model = cls(x.mean(0), torch.zeros(num_classes, x.shape[1], device=x.device), feat_type, dist)
         f = model.transform(x)
@@ -112,7 +113,7 @@ def fit(train: FeatureSet, heads: list[HeadSpec], cfg: NCMConfig, *, val: Featur
     names = cfg.features or train.feature_choices()
     bad = [n for n in names if n not in train.feature_choices()]
     if bad:
-        raise RebalanceError(f'ncm.features: {bad[0]!r} is not a feature of this model; choose from '
+        raise ConfigError(f'ncm.features: {bad[0]!r} is not a feature of this model; choose from '
                              f'{", ".join(train.feature_choices())}')
     num_classes = heads[0].num_classes
     y = train.targets.to(device)

@@ -32,7 +32,8 @@ from ..models.factory import (create_model_from_checkpoint, create_model_from_me
                               unwrap_model)
 from . import crt, lws, ncm, tau_norm
 from .base import LinearResult, RebalanceResult, joint_logits, linear_head, select_heads
-from .config import RebalanceConfig, RebalanceError, default_output_dir, resolve_methods
+from ..errors import ConfigError
+from .config import RebalanceConfig, default_output_dir, resolve_methods
 from .features import FeatureSet, HeadSpec, cache_key, load_or_extract, model_heads
 from .report import evaluate_predictors, log_to_wandb, plot_tau_sweep, plot_weight_norms
 from .training import steps_per_epoch
@@ -53,20 +54,20 @@ def output_dir_of(cfg: RebalanceConfig) -> Path:
 
 def _check_config(cfg: RebalanceConfig, methods: list[str]) -> None:
     if not cfg.checkpoint:
-        raise RebalanceError('no checkpoint given: pass --checkpoint path/to/model.safetensors')
+        raise ConfigError('no checkpoint given: pass --checkpoint path/to/model.safetensors')
     if 'tau_norm' in methods and not cfg.tau_norm.grid:
-        raise RebalanceError('tau_norm.grid is empty; give values, e.g. tau_norm.grid=[0.0,0.5,1.0]')
+        raise ConfigError('tau_norm.grid is empty; give values, e.g. tau_norm.grid=[0.0,0.5,1.0]')
     for name in ('crt', 'lws'):
         if name not in methods:
             continue
         sec = getattr(cfg, name)
         for field in ('epochs', 'batch_size', 'lr_base_batch', 'samples_per_class'):
             if getattr(sec, field) < 1:
-                raise RebalanceError(f'{name}.{field} must be >= 1, got {getattr(sec, field)}')
+                raise ConfigError(f'{name}.{field} must be >= 1, got {getattr(sec, field)}')
         if sec.sampler not in SAMPLER_NAMES:
-            raise RebalanceError(f'{name}.sampler {sec.sampler!r} unknown')
+            raise ConfigError(f'{name}.sampler {sec.sampler!r} unknown')
         if sec.lr <= 0:
-            raise RebalanceError(f'{name}.lr must be > 0, got {sec.lr}')
+            raise ConfigError(f'{name}.lr must be > 0, got {sec.lr}')
 
 
 def _check_heads(heads: list[HeadSpec], methods: list[str], cfg: RebalanceConfig) -> None:
@@ -75,26 +76,26 @@ def _check_heads(heads: list[HeadSpec], methods: list[str], cfg: RebalanceConfig
         kept = [h for h in heads if h not in select_heads(heads, cfg.crt.heads, 'crt.heads')]
         for h in kept:
             if not h.is_linear:
-                raise RebalanceError(f'crt keeps head {h.name!r} unchanged, but it is not nn.Linear; '
+                raise ConfigError(f'crt keeps head {h.name!r} unchanged, but it is not nn.Linear; '
                                      f're-train it too (crt.heads=null)')
     for name in ('tau_norm', 'lws'):
         if name in methods:
             for h in select_heads(heads, getattr(cfg, name).heads, f'{name}.heads'):
                 if not h.is_linear:
-                    raise RebalanceError(
+                    raise ConfigError(
                         f'{name} rescales the stage-1 linear classifier, but head {h.module_name!r} is a '
                         f'{type(h.module).__name__}, not nn.Linear (a cosine/LDAM head?). Use crt or ncm, which '
                         f'only need the features.')
     if 'tau_norm' in methods and cfg.tau_norm.select == 'avg':
         selected = {h.name for h in select_heads(heads, cfg.tau_norm.heads, 'tau_norm.heads')}
         if selected != {'cls', 'dist'}:
-            raise RebalanceError('tau_norm.select=avg needs a distilled student with both heads selected; '
+            raise ConfigError('tau_norm.select=avg needs a distilled student with both heads selected; '
                                  'use tau_norm.select=per_head')
     if 'ncm' in methods and cfg.ncm.features:
         choices = ['cls', 'dist', 'concat'] if {h.name for h in heads} == {'cls', 'dist'} else ['feat']
         bad = [f for f in cfg.ncm.features if f not in choices]
         if bad:
-            raise RebalanceError(f'ncm.features: {bad[0]!r} is not a feature of this model; choose from '
+            raise ConfigError(f'ncm.features: {bad[0]!r} is not a feature of this model; choose from '
                                  f'{", ".join(choices)}')
 
 
@@ -104,10 +105,10 @@ def _check_data(datasets: dict, meta: dict, heads: list[HeadSpec], methods: list
     train = datasets['train']
     c_model = int(meta.get('num_classes') or heads[0].num_classes)
     if train.num_classes != c_model:
-        raise RebalanceError(f'the dataset {cfg.data.name!r} has {train.num_classes} classes but the checkpoint '
+        raise ConfigError(f'the dataset {cfg.data.name!r} has {train.num_classes} classes but the checkpoint '
                              f'predicts {c_model}; re-balance on the data the model was trained on (check data.*)')
     if 'tau_norm' in methods and 'val' not in datasets:
-        raise RebalanceError('tau_norm chooses tau on a validation split and this dataset has none: set '
+        raise ConfigError('tau_norm chooses tau on a validation split and this dataset has none: set '
                              'data.val_per_class=N (a balanced hold-out of training-distribution images the '
                              'long-tailed subset did not use) or give data.val_list')
     for name in ('crt', 'lws'):
@@ -155,7 +156,7 @@ def save_rebalanced_model(path: str | Path, model: torch.nn.Module, meta: dict, 
     is known to accept it. A dropped bias (tau-norm) is stored as zeros.
 
     Raises:
-        RebalanceError: the architecture cannot hold the new heads.
+        ConfigError: the architecture cannot hold the new heads.
     """
     state = {k: v.detach().cpu().clone() for k, v in unwrap_model(model).state_dict().items()}
     new_meta = dict(copy.deepcopy(meta), kind='rebalanced', **copy.deepcopy(extra_meta))
@@ -166,7 +167,7 @@ def save_rebalanced_model(path: str | Path, model: torch.nn.Module, meta: dict, 
         if not spec.is_linear:
             kwargs = dict(new_meta.get('model_kwargs') or {})
             if not kwargs.get('use_norm'):
-                raise RebalanceError(f'head {spec.module_name!r} is a {type(spec.module).__name__}; the '
+                raise ConfigError(f'head {spec.module_name!r} is a {type(spec.module).__name__}; the '
                                      f'architecture has no linear-head variant to save the new head in')
             kwargs['use_norm'] = False   # the cosine-head teachers' switch to a plain linear head
             new_meta['model_kwargs'] = kwargs
@@ -180,11 +181,11 @@ def save_rebalanced_model(path: str | Path, model: torch.nn.Module, meta: dict, 
             key = head.module_name + '.bias'
             if key not in own:   # a bias-free head can only take a zero (dropped) bias
                 if head.bias is not None and bool(head.bias.ne(0).any()):
-                    raise RebalanceError(f'head {head.module_name!r} has no bias to hold the re-balanced one')
+                    raise ConfigError(f'head {head.module_name!r} has no bias to hold the re-balanced one')
                 state.pop(key, None)
         load_state_dict_checked(rebuilt, state, f're-balanced {result.method} weights')
     except CheckpointError as e:
-        raise RebalanceError(f'cannot save {result.method} as a {meta.get("arch")} model file: {e}') from None
+        raise ConfigError(f'cannot save {result.method} as a {meta.get("arch")} model file: {e}') from None
     return save_model_file(path, state, new_meta)
 
 
@@ -247,7 +248,7 @@ def _run_method(method: str, cfg: RebalanceConfig, model: torch.nn.Module, meta:
         try:
             entry['model_file'] = str(save_rebalanced_model(out_dir / f'{method}.safetensors', model, meta, heads,
                                                             result, extra))
-        except RebalanceError as e:
+        except ConfigError as e:
             _logger.warning('%s not saved: %s', method, e)
             entry['model_file'], entry['not_saved'] = None, str(e)
     elif isinstance(result, ncm.NCMResult):

@@ -24,7 +24,8 @@ import torch
 
 from ..metrics import per_class_accuracy, split_accuracy
 from .base import LinearHead, LinearResult, linear_head, select_heads
-from .config import RebalanceError, TauNormConfig
+from ..errors import ConfigError
+from .config import TauNormConfig
 from .features import FeatureSet, HeadSpec
 
 __all__ = ['tau_normalize', 'tau_logits', 'sweep', 'fit']
@@ -33,7 +34,7 @@ __all__ = ['tau_normalize', 'tau_logits', 'sweep', 'fit']
 def tau_normalize(head: LinearHead, tau: float, bias: str = 'drop') -> LinearHead:
     """w_j / ||w_j||^tau for every class vector (rows of the (C, d) weight); bias dropped or kept unchanged."""
     if bias not in ('drop', 'keep'):
-        raise RebalanceError(f"tau_norm.bias must be 'drop' or 'keep', got {bias!r}")
+        raise ConfigError(f"tau_norm.bias must be 'drop' or 'keep', got {bias!r}")
     norms = head.weight.norm(dim=1, keepdim=True).clamp_min(1e-12)   # a zero vector stays zero
     return LinearHead(head.weight / norms.pow(tau), head.bias if bias == 'keep' else None, head.feature,
                       head.module_name)
@@ -88,7 +89,7 @@ def sweep(heads: Mapping[str, LinearHead], feats: FeatureSet, grid: list[float],
                               for t in grid]
     if pairs:
         if not {'cls', 'dist'} <= set(prepared):
-            raise RebalanceError("tau_norm.select=avg needs a distilled student (CLS and DIST heads)")
+            raise ConfigError("tau_norm.select=avg needs a distilled student (CLS and DIST heads)")
         zc = [tau_logits(*prepared['cls'][:2], t, prepared['cls'][2]) for t in grid]
         (dd, nd, bd) = prepared['dist']
         acc = [[0.0] * len(grid) for _ in grid]
@@ -124,16 +125,16 @@ def fit(train: FeatureSet, heads: list[HeadSpec], cfg: TauNormConfig, *, val: Fe
     """
     grid = [float(t) for t in cfg.grid]
     if not grid:
-        raise RebalanceError('tau_norm.grid is empty; give values, e.g. tau_norm.grid=[0.0,0.5,1.0]')
+        raise ConfigError('tau_norm.grid is empty; give values, e.g. tau_norm.grid=[0.0,0.5,1.0]')
     chosen = select_heads(heads, cfg.heads, 'tau_norm.heads')
     stage1 = {h.name: linear_head(h, 'tau_norm') for h in chosen}
     if val is None:
-        raise RebalanceError('tau_norm chooses tau on a validation split and this dataset has none: set '
+        raise ConfigError('tau_norm chooses tau on a validation split and this dataset has none: set '
                              'data.val_per_class=N (a balanced hold-out of training-distribution images the '
                              'long-tailed subset did not use) or give data.val_list')
     pairs = cfg.select == 'avg'
     if pairs and {h.name for h in chosen} != {'cls', 'dist'}:
-        raise RebalanceError('tau_norm.select=avg needs a distilled student with both heads selected; '
+        raise ConfigError('tau_norm.select=avg needs a distilled student with both heads selected; '
                              'use tau_norm.select=per_head')
     val_d = val.to(device)
     result = sweep({k: h for k, h in stage1.items()}, val_d, grid, cfg.bias, groups, pairs=pairs)

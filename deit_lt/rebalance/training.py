@@ -6,8 +6,8 @@ trainer consumed before breaking out of its loader. Batches are index slices of 
 epoch costs a few matrix products.
 
 Departures from the official code, on purpose: the cosine schedule is per step from lr to 0 (the original steps a
-per-epoch scheduler at the start of each epoch, so its first epoch already runs below lr and its last at lr 0,
-decoupling.md Sec. 4.1 quirk 2); the best epoch on the val split is kept per head (the original keeps one best
+per-epoch scheduler at the start of each epoch, so its first epoch already runs below lr and its last at lr 0:
+facebookresearch/classifier-balancing `run_networks.py`, scheduler stepped before the epoch's batches); the best epoch on the val split is kept per head (the original keeps one best
 epoch for its single classifier).
 """
 from __future__ import annotations
@@ -23,7 +23,8 @@ from torch import nn
 
 from ..data.samplers import create_sampler
 from ..metrics import per_class_accuracy
-from .config import HeadTrainingConfig, RebalanceError
+from ..errors import ConfigError
+from .config import HeadTrainingConfig
 from .features import FeatureSet
 
 __all__ = ['balanced_accuracy', 'steps_per_epoch', 'train_heads']
@@ -40,10 +41,10 @@ def balanced_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
 def steps_per_epoch(num_samples: int, batch_size: int, option: str) -> int:
     """floor(N / B); a batch larger than the training set is an error, not a silent zero-step epoch."""
     if batch_size < 1:
-        raise RebalanceError(f'{option}.batch_size must be >= 1, got {batch_size}')
+        raise ConfigError(f'{option}.batch_size must be >= 1, got {batch_size}')
     steps = num_samples // batch_size
     if steps == 0:
-        raise RebalanceError(f'{option}.batch_size={batch_size} is larger than the training split ({num_samples} '
+        raise ConfigError(f'{option}.batch_size={batch_size} is larger than the training split ({num_samples} '
                              f'samples); lower {option}.batch_size')
     return steps
 
@@ -71,7 +72,7 @@ def train_heads(heads: nn.ModuleDict, feature_of: Mapping[str, str], train: Feat
         JSON-able record: steps per epoch, scaled lr, per-epoch history, chosen epoch per head.
     """
     if cfg.epochs < 1:
-        raise RebalanceError(f'{option}.epochs must be >= 1, got {cfg.epochs}')
+        raise ConfigError(f'{option}.epochs must be >= 1, got {cfg.epochs}')
     device = torch.device(device)
     train_d = train.to(device)
     val_d = val.to(device) if val is not None else None
@@ -81,7 +82,7 @@ def train_heads(heads: nn.ModuleDict, feature_of: Mapping[str, str], train: Feat
     lr = cfg.lr * bsz / cfg.lr_base_batch
     params = [p for p in heads.parameters() if p.requires_grad]
     if not params:
-        raise RebalanceError(f'{option}: nothing to train')
+        raise ConfigError(f'{option}: nothing to train')
     opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps * cfg.epochs, eta_min=0.0)
     sampler = create_sampler(cfg.sampler, train.targets.cpu().numpy(), seed=seed, num_samples=steps * bsz,

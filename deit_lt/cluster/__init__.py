@@ -1,0 +1,21 @@
+"""Imbalanced deep clustering with optimal-transport pseudo-labels: P²OT (Zhang et al., ICLR 2024) and SP²OT.
+
+Model-independent core, for a training tool to build on:
+
+- `ot`: entropic partial OT with a virtual cluster and KL-relaxed cluster sizes (`partial_ot`, `P2OTSolver`), the
+  rho and lam1 schedules, the k-NN similarity and SP²OT's majorisation-minimisation (`SP2OTSolver`);
+- `losses`: swapped-prediction loss, FIFO memory bank, per-step pseudo-labels, label-free model selection score;
+- `metrics`: Hungarian-matched ACC (class-mean recall), overall accuracy, NMI, ARI, macro F1, head/mid/tail
+  accuracy, and a k-means baseline.
+"""
+from .losses import MemoryBank, SwappedPredictionLoss, pseudo_labels, selection_score, swapped_prediction_loss
+from .metrics import cluster_metrics, frequency_groups, hungarian_match, kmeans_clusters, remap_clusters
+from .ot import (OT_MODES, KNNGraph, MMResult, OTPlan, P2OTSolver, SP2OTSolver, SparseSimilarity, cost_from_logits,
+                 knn_similarity, mm_partial_ot, mm_weight, partial_ot, rho_schedule, sigmoid_rampup)
+
+__all__ = [
+    'OT_MODES', 'OTPlan', 'partial_ot', 'cost_from_logits', 'P2OTSolver', 'sigmoid_rampup', 'rho_schedule',
+    'mm_weight', 'SparseSimilarity', 'KNNGraph', 'knn_similarity', 'MMResult', 'mm_partial_ot', 'SP2OTSolver',
+    'swapped_prediction_loss', 'SwappedPredictionLoss', 'MemoryBank', 'pseudo_labels', 'selection_score',
+    'hungarian_match', 'remap_clusters', 'cluster_metrics', 'frequency_groups', 'kmeans_clusters',
+]
