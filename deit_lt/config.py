@@ -93,11 +93,15 @@ class AugConfig(EvalAugConfig):
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     padding: int = 4                    # pad_crop only
     hflip: float = 0.5
+    rotate: float = 0.0                 # random rotation in [-rotate, rotate] degrees (RIDE / MDCS CIFAR recipes)
     rand_augment: str | None = 'rand-m9-mstd0.5-inc1'   # timm RandAugment spec, null = off
-    color_jitter: float | None = None   # only without rand_augment (timm behaviour)
+    # AutoAugment policy (torchvision's 'cifar10' / 'imagenet' / 'svhn'; instead of rand_augment), loader placement
+    auto_augment: Literal['cifar10', 'imagenet', 'svhn'] | None = None
+    color_jitter: float | None = None   # only without rand_augment / auto_augment (timm behaviour)
     re_prob: float = 0.25               # random erasing probability
     re_mode: Literal['pixel', 'rand', 'const'] = 'pixel'
     re_count: int = 1
+    cutout: int = 0                     # Cutout (DeVries & Taylor 2017): one zeroed square of this side, 0 = off
     # Which images an epoch visits (Kang et al., ICLR 2020): 'instance' (each once; with repeated_aug > 1 DeiT's
     # repeated augmentation), 'class_balanced', 'sqrt' (square-root), 'progressive' (instance -> balanced).
     sampler: Literal['instance', 'class_balanced', 'sqrt', 'progressive'] = 'instance'

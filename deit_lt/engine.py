@@ -91,6 +91,7 @@ class RunParts:
         description: the run's header line (model, data, loss, batch).
         compile: torch.compile the model for training.
         files: JSON files written into the output folder at the start ({name: data}).
+        logit_adjust: {name: (C,) offsets}: post-hoc adjusted predictors evaluated beside the plain ones.
     """
     kind: str
     model: nn.Module
@@ -110,6 +111,7 @@ class RunParts:
     description: str = ''
     compile: bool = False
     files: dict[str, Any] = dataclasses.field(default_factory=dict)
+    logit_adjust: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -206,7 +208,8 @@ class _Run:
         gather = gather_fn(self.acc)
         self.last_report = {
             split: evaluate(self.model, batches, self.p.groups, self.p.meta['num_classes'], autocast=self.acc.autocast,
-                            gather=gather, desc=f'{label} {split}', show_progress=self.is_main and self.cfg.progress)
+                            gather=gather, desc=f'{label} {split}', show_progress=self.is_main and self.cfg.progress,
+                            logit_adjust=self.p.logit_adjust)
             for split, batches in self.p.eval_batches.items()}
         self.evaluated_at = self.state.updates
         return self.last_report

@@ -28,8 +28,12 @@ HEADLINE_METRICS = ('top1', 'top5', 'head', 'mid', 'tail')
 def collect_predictions(model: nn.Module, batches: EvalBatches, *, k: int = 5,
                         autocast: Callable[[], ContextManager] | None = None,
                         gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                        progress: Progress | None = None) -> tuple[dict, torch.Tensor]:
+                        progress: Progress | None = None,
+                        logit_adjust: Mapping[str, torch.Tensor] | None = None) -> tuple[dict, torch.Tensor]:
     """Run `model` over `batches` in eval mode.
+
+    `logit_adjust` ({name: (C,) offsets}) adds the predictor '<predictor>_<name>' = logits + offsets for every
+    predictor but single experts (post-hoc logit adjustment).
 
     Returns ({predictor: (top-k ids (N, k), max-softmax confidence (N,))}, targets (N,)) on the CPU, in dataset
     order.
@@ -43,6 +47,9 @@ def collect_predictions(model: nn.Module, batches: EvalBatches, *, k: int = 5,
         for x, y in batches:
             with ctx():
                 outs = model_predictors(model, x)
+            base = {name: z for name, z in outs.items() if not name.startswith('expert')}
+            for suffix, offset in (logit_adjust or {}).items():
+                outs |= {f'{name}_{suffix}': z.float() + offset.to(z.device) for name, z in base.items()}
             for name, z in outs.items():
                 z = z.float()
                 parts.setdefault(name, []).append((z.topk(min(k, z.shape[1]), dim=1).indices, z.softmax(1).amax(1)))
@@ -64,11 +71,12 @@ def collect_predictions(model: nn.Module, batches: EvalBatches, *, k: int = 5,
 def evaluate(model: nn.Module, batches: EvalBatches, groups: Mapping[str, Sequence[int]], num_classes: int, *,
              autocast: Callable[[], ContextManager] | None = None,
              gather: Callable[[torch.Tensor], torch.Tensor] | None = None, desc: str = 'eval',
-             show_progress: bool = False) -> dict:
+             show_progress: bool = False, logit_adjust: Mapping[str, torch.Tensor] | None = None) -> dict:
     """Full report per predictor (`metrics.report_from_topk`), the CLS/DIST agreement of students (% of images on
     which the two heads predict the same class) and the number of images."""
     with Progress(len(batches), desc, unit='batch', enabled=show_progress) as progress:
-        preds, targets = collect_predictions(model, batches, autocast=autocast, gather=gather, progress=progress)
+        preds, targets = collect_predictions(model, batches, autocast=autocast, gather=gather, progress=progress,
+                                             logit_adjust=logit_adjust)
     report = {n: report_from_topk(top, conf, targets, num_classes, groups) for n, (top, conf) in preds.items()}
     if 'cls' in preds and 'dist' in preds:
         report['agreement'] = 100.0 * (preds['cls'][0][:, 0] == preds['dist'][0][:, 0]).double().mean().item()

@@ -3,7 +3,7 @@ data of a run, its micro-batch size, and the metadata every model file carries."
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 from .config import AugConfig, DataConfig, OptimConfig, to_dict
 from .data import LTDataset, create_datasets
@@ -55,10 +55,11 @@ def load_datasets(data_cfg: DataConfig) -> dict[str, LTDataset]:
 
 def create_run_data(sets: dict[str, LTDataset], data_cfg: DataConfig, aug: AugConfig, optim: OptimConfig, *,
                     accelerator, seed: int, img_size: int | None, eval_batch_size: int, drop_last: bool = True,
-                    return_clean: bool = False, compile: bool = False) -> RunData:
+                    return_clean: bool = False, compile: bool = False, extra_views: Sequence[AugConfig] = ()
+                    ) -> RunData:
     """Sampler and batches of a training run over `sets` (from `load_datasets`).
 
-    The sampler is `aug.sampler` (with DeiT's repeated augmentation when `aug.repeated_aug` > 1 and the sampler is
+    `extra_views`: augmentations of further views of each image (`Batch.views`). The sampler is `aug.sampler` (with DeiT's repeated augmentation when `aug.repeated_aug` > 1 and the sampler is
     'instance'); the placement of augmentation is `aug.placement`. `img_size` None means the images' own size
     (in-memory datasets) or 224.
 
@@ -86,7 +87,8 @@ def create_run_data(sets: dict[str, LTDataset], data_cfg: DataConfig, aug: AugCo
         batches = create_train_batches(train, aug, img_size=img_size, batch_size=micro, device=device,
                                        sampler=sampler, seed=seed, rank=rank, return_clean=return_clean,
                                        placement=None if aug.placement == 'auto' else placement,
-                                       max_device_mb=data_cfg.in_memory_max_mb, compile=compile, drop_last=drop_last)
+                                       max_device_mb=data_cfg.in_memory_max_mb, compile=compile, drop_last=drop_last,
+                                       extra_views=extra_views)
     except ValueError as e:
         if 'larger than the samples' in str(e):
             raise ConfigError(f'{e} (optim.batch_size={optim.batch_size} over {world} process(es) x '

@@ -10,9 +10,10 @@ Saddle Points for Effective Generalization on Class-Imbalanced Data", NeurIPS 20
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Literal
 
-from deit_lt.config import AugConfig, DataConfig, OptimConfig, RuntimeConfig, WandbConfig
+from deit_lt.config import DataConfig, MixAugConfig, OptimConfig, RuntimeConfig, WandbConfig
 from deit_lt.errors import ConfigError
 
 __all__ = ['TeacherModelConfig', 'TeacherLossConfig', 'SamConfig', 'TeacherOptimConfig', 'TeacherAugConfig',
@@ -27,16 +28,20 @@ class TeacherModelConfig:
     img_size: int | None = None         # null: the data's own size for in-memory sets (32 CIFAR, 8 digits), else 224
     drop_rate: float = 0.0
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)   # more timm.create_model arguments
+    # A model file whose weights start the run (a second stage: RIDE's router, SHIKE's classifier re-training)
+    init_from: str | None = None
 
 
 @dataclasses.dataclass
 class TeacherLossConfig:
-    """CE or LDAM, with deferred re-weighting (DRW) by class-balanced weights."""
-    type: Literal['ce', 'ldam'] = 'ldam'
+    """The training method and its loss: CE or LDAM with deferred re-weighting (DRW), or a registered multi-expert
+    method (`teachers.methods`: ride, ride_router, mdcs, shike, shike_stage2)."""
+    type: str = 'ldam'
     drw_epoch: int | None = 160         # 0-based epoch from which the loss is re-weighted; null = never
     beta: float = 0.9999                # effective-number beta of the DRW weights
     max_m: float = 0.5                  # largest LDAM margin (0.5 CIFAR, 0.3 ImageNet-LT / iNat)
     s: float = 30.0                     # logit scale of a cosine head (LDAM; also CE on a cosine head)
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)   # options of the method's own loss
 
 
 @dataclasses.dataclass
@@ -80,12 +85,16 @@ class TeacherOptimConfig(OptimConfig):
 
 
 @dataclasses.dataclass
-class TeacherAugConfig(AugConfig):
-    """`AugConfig` with the CIFAR teacher recipe as defaults: pad-and-crop + flip, nothing else."""
+class TeacherAugConfig(MixAugConfig):
+    """The augmentation keys of the student with the CIFAR teacher recipe as defaults: pad-and-crop + flip, nothing
+    else (no RandAugment, erasing, Mixup / CutMix or smoothing)."""
     crop: Literal['rrc', 'pad_crop', 'none'] = 'pad_crop'
     rand_augment: str | None = None
     re_prob: float = 0.0
     repeated_aug: int = 1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    smoothing: float = 0.0
 
 
 @dataclasses.dataclass
@@ -98,6 +107,11 @@ class TeacherTrainConfig:
     sam: SamConfig = dataclasses.field(default_factory=SamConfig)
     optim: TeacherOptimConfig = dataclasses.field(default_factory=TeacherOptimConfig)
     aug: TeacherAugConfig = dataclasses.field(default_factory=TeacherAugConfig)
+    # the second augmented view of each image, for methods that read two (MDCS's strong view); null otherwise
+    aug2: TeacherAugConfig | None = None
+    # post-hoc logit adjustment, evaluated beside the plain logits as the predictor 'logits_<name>':
+    # 'iif' adds ln((N - n_c) / n_c) (APA's published numbers), 'prior' subtracts ln(n_c / N) (Menon et al., 2021)
+    posthoc_adjust: list[Literal['iif', 'prior']] = dataclasses.field(default_factory=list)
     runtime: RuntimeConfig = dataclasses.field(default_factory=lambda: RuntimeConfig(output_dir='runs/teacher'))
     wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
 
@@ -144,6 +158,7 @@ def validate_config(cfg: TeacherTrainConfig) -> None:
     if loss.s <= 0:
         errors.append(f'loss.s must be > 0, got {loss.s}')
     errors += _sam_errors(cfg)
+    errors += _method_errors(cfg)
     if cfg.aug.repeated_aug < 1:
         errors.append(f'aug.repeated_aug must be >= 1, got {cfg.aug.repeated_aug}')
     if cfg.model.img_size is not None and cfg.model.img_size < 1:
@@ -155,6 +170,26 @@ def validate_config(cfg: TeacherTrainConfig) -> None:
         check_arch(cfg.model.name)
     except ValueError as e:
         raise ConfigError(f'model.name: {e}') from None
+
+
+def _method_errors(cfg: TeacherTrainConfig) -> list[str]:
+    from .methods import get_method
+    try:
+        method = get_method(cfg.loss.type)
+    except ConfigError as e:
+        return [str(e)]
+    errors = []
+    mixing = cfg.aug.mixup > 0 or cfg.aug.cutmix > 0
+    if mixing and not method.mixing:
+        errors.append(f'loss.type={cfg.loss.type} takes class labels: Mixup/CutMix (aug.mixup, aug.cutmix) must be 0')
+    if method.views > 1 and cfg.aug2 is None:
+        errors.append(f'loss.type={cfg.loss.type} reads two augmented views of each image: set the aug2 section '
+                      f'(the second view\'s augmentation)')
+    if method.views == 1 and cfg.aug2 is not None:
+        errors.append(f'loss.type={cfg.loss.type} reads one view of each image: remove the aug2 section')
+    if cfg.model.init_from is not None and not Path(cfg.model.init_from).is_file():
+        errors.append(f'model.init_from={cfg.model.init_from}: no such model file')
+    return errors
 
 
 def _sam_errors(cfg: TeacherTrainConfig) -> list[str]:

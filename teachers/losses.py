@@ -5,7 +5,8 @@
   largest margin (rarest class) is `max_m`, and all logits are multiplied by s before softmax cross-entropy.
 - DRW: from the switch epoch on, the loss is weighted by the class-balanced weights of Cui et al. (CVPR 2019),
   w_c proportional to (1 - beta) / (1 - beta^{n_c}) (`deit_lt.losses.class_balanced_weights`), with PyTorch's
-  `weight=` semantics: the *weighted mean* sum_i w_{y_i} L_i / sum_i w_{y_i} (kaidic/LDAM-DRW `cifar_train.py`, `losses.py`).
+  `weight=` semantics: the *weighted mean* sum_i w_{y_i} L_i / sum_i w_{y_i} (kaidic/LDAM-DRW `cifar_train.py`,
+  `losses.py`). Probability targets (Mixup) take PyTorch's soft-target form of the same weighted CE.
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ class TeacherLoss(nn.Module):
         return self.class_weights if self.drw_active else None
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """(B, C) logits (cosines for a cosine head), (B,) labels -> scalar loss."""
+        """(B, C) logits (cosines for a cosine head), (B,) labels or (B, C) probabilities (CE) -> scalar loss."""
         logits = logits.float()
         if self.loss_type == 'ldam':
             # Only the true-class logit moves: z_y - Delta_y.

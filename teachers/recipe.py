@@ -1,8 +1,11 @@
 """The CNN-teacher recipe: what `tools/train_teacher.py` trains, on the run loop every recipe shares.
 
 It reproduces the Saddle-LongTail recipes (CE / LDAM + DRW, SGD inside SAM, step or cosine schedules; Rangwani et
-al., NeurIPS 2022, val-iisc/Saddle-LongTail) on the project's shared pieces: the same long-tailed split and label
-space as the student (so teacher and student labels agree), the same evaluation, model files and resumable states.
+al., NeurIPS 2022, val-iisc/Saddle-LongTail) and the multi-expert methods (`teachers.methods`) on the project's
+shared pieces: the same long-tailed split and label space as the student (so teacher and student labels agree),
+the same evaluation, model files and resumable states. A method supplies the loss of a micro-batch; this module
+builds the rest: data (with a second augmented view when the method reads two), the CNN, Mixup / CutMix when
+configured, SGD or SAM, the schedule, and the post-hoc logit adjustments evaluated beside the plain logits.
 
 Outputs in `runtime.output_dir`: `best.safetensors` (best top-1 on the selection split) and `last.safetensors`
 (final weights), deit-lt model files with kind 'teacher' that `teacher.checkpoint` of a student run takes;
@@ -13,8 +16,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from timm.data import Mixup
 from torch import nn
 
+from deit_lt.checkpoint import load_model_file
 from deit_lt.data.pipeline import Batch
 from deit_lt.engine import PlainUpdate, RunParts, fit, updates_per_epoch
 from deit_lt.errors import ConfigError
@@ -25,14 +30,35 @@ from deit_lt.runtime import create_accelerator, want_compile
 from deit_lt.seeding import seed_step
 
 from .config import FP16_SAM, TeacherTrainConfig, validate_config
-from .losses import TeacherLoss
+from .methods import get_method
 from .optim import create_sam_optimizer, sam_rho, set_rho
 
-__all__ = ['teacher_parts', 'train_teacher']
+__all__ = ['teacher_parts', 'train_teacher', 'posthoc_offsets']
+
+
+def posthoc_offsets(names: list[str], train_counts) -> dict[str, torch.Tensor]:
+    """Per-class offsets added to the logits at evaluation: 'iif' = ln((N - n_c) / n_c) (the 'rel' inverse image
+    frequency of APA's evaluation, kostas1515/AGLU `custom.py`), 'prior' = -ln(n_c / N) (logit adjustment with
+    tau = 1, Menon et al., "Long-tail learning via logit adjustment", ICLR 2021)."""
+    n = torch.as_tensor(train_counts, dtype=torch.float64).clamp_min(1)
+    total = n.sum()
+    table = {'iif': torch.log((total - n) / n), 'prior': -torch.log(n / total)}
+    return {name: table[name].float() for name in names}
+
+
+def _model(cfg: TeacherTrainConfig, num_classes: int, in_chans: int):
+    use_norm = cfg.model.use_norm if cfg.model.use_norm is not None else cfg.loss.type == 'ldam'
+    kwargs = dict(cfg.model.kwargs)
+    if cfg.model.drop_rate:
+        kwargs['drop_rate'] = cfg.model.drop_rate
+    try:
+        return create_teacher_model(cfg.model.name, num_classes, use_norm=use_norm, in_chans=in_chans, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f'model: {e}') from None
 
 
 def teacher_parts(cfg: TeacherTrainConfig, accelerator) -> RunParts:
-    """Build the teacher run (CNN, loss, SGD/SAM, schedules, data) for `deit_lt.engine.fit`."""
+    """Build the teacher run (CNN, method, SGD/SAM, schedules, data) for `deit_lt.engine.fit`."""
     validate_config(cfg)
     if cfg.sam.enabled and accelerator.mixed_precision == 'fp16':
         raise ConfigError(FP16_SAM + f' (runtime.mixed_precision={cfg.runtime.mixed_precision} resolved to fp16)')
@@ -41,65 +67,73 @@ def teacher_parts(cfg: TeacherTrainConfig, accelerator) -> RunParts:
     train = sets['train']
     num_classes, in_chans = train.num_classes, train.in_chans
     img_size = cfg.model.img_size or (train.image_size[0] if train.image_size else 224)
+    method_cls = get_method(cfg.loss.type)
 
-    # model and loss, initialised from runtime.seed: identical on every rank and in every repeat
+    # model and method, initialised from runtime.seed: identical on every rank and in every repeat
     seed_step(cfg.runtime.seed)
-    use_norm = cfg.model.use_norm if cfg.model.use_norm is not None else cfg.loss.type == 'ldam'
-    model_kwargs = dict(cfg.model.kwargs)
-    if cfg.model.drop_rate:
-        model_kwargs['drop_rate'] = cfg.model.drop_rate
-    try:
-        model, arch, model_kwargs = create_teacher_model(cfg.model.name, num_classes, use_norm=use_norm,
-                                                         in_chans=in_chans, **model_kwargs)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f'model: {e}') from None
-    try:
-        criterion = TeacherLoss(train.train_counts, cfg.loss.type, drw_epoch=cfg.loss.drw_epoch, beta=cfg.loss.beta,
-                                max_m=cfg.loss.max_m, s=cfg.loss.s, cosine_head=use_norm).to(device)
-    except ValueError as e:
-        raise ConfigError(f'loss: {e}') from None
+    model, arch, model_kwargs = _model(cfg, num_classes, in_chans)
+    method = method_cls(cfg, train.train_counts, model)
+    if cfg.model.init_from:
+        state_dict, _ = load_model_file(cfg.model.init_from)
+        method.init_weights(model, state_dict, cfg.model.init_from)
+    method.setup(model)
+    method.to(device)
     if cfg.runtime.channels_last and device.type == 'cuda':
         model.to(memory_format=torch.channels_last)
 
-    # no Mixup in the teacher recipes: keep the last partial batch, as the originals' loaders do (97 steps of
-    # CIFAR-10-LT IF100 at batch 128, not 96)
+    mixing = cfg.aug.mixup > 0 or cfg.aug.cutmix > 0
+    # the published teacher recipes keep the last partial batch, as their loaders do (97 steps of CIFAR-10-LT IF100
+    # at batch 128, not 96); Mixup pairs images within a batch and needs full ones
     data = create_run_data(sets, cfg.data, cfg.aug, cfg.optim, accelerator=accelerator, seed=cfg.runtime.seed,
-                           img_size=img_size, eval_batch_size=cfg.runtime.eval_batch_size, drop_last=False)
+                           img_size=img_size, eval_batch_size=cfg.runtime.eval_batch_size, drop_last=mixing,
+                           extra_views=[cfg.aug2] if cfg.aug2 is not None else [])
+    if mixing and data.micro_batch % 2:
+        raise ConfigError(f'Mixup/CutMix pair images within a micro-batch: its size {data.micro_batch} must be even')
     if cfg.sam.enabled:
         optimizer, update = create_sam_optimizer(model, cfg.optim, cfg.sam, device)
     else:
         optimizer, update = create_optimizer(model, cfg.optim, device), PlainUpdate(cfg.optim.clip_grad)
     scheduler = create_scheduler(optimizer, cfg.optim, updates_per_epoch(len(data.train_batches),
                                                                           cfg.optim.accum_steps))
+    mixup_fn = Mixup(mixup_alpha=cfg.aug.mixup, cutmix_alpha=cfg.aug.cutmix, prob=cfg.aug.mixup_prob,
+                     switch_prob=cfg.aug.mixup_switch_prob, mode=cfg.aug.mixup_mode,
+                     label_smoothing=cfg.aug.smoothing, num_classes=num_classes) if mixing else None
 
     def on_epoch(epoch: int) -> dict[str, Any]:
-        criterion.set_epoch(epoch)
+        scalars = method.on_epoch(epoch)
         rho = sam_rho(cfg.sam, epoch) if cfg.sam.enabled else 0.0
         if cfg.sam.enabled:
             set_rho(optimizer, rho)
-        return {'drw': criterion.drw_active, 'rho': rho}
+        return scalars | {'rho': rho}
 
-    def loss_fn(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = model(batch.x)
-        loss = criterion(logits, batch.y)
-        return loss, {'acc': (logits.detach().argmax(1) == batch.y).float().mean() * 100.0}
+    def prepare(batch: Batch) -> tuple[Batch, torch.Tensor]:
+        if mixup_fn is None:
+            return batch, batch.y
+        x, targets = mixup_fn(batch.x, batch.y)
+        return Batch(x, batch.y, batch.x_clean, batch.views), targets
+
+    def loss_fn(model: nn.Module, inputs: tuple[Batch, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return method.loss(model, *inputs)
 
     meta = model_meta(data, cfg.data, arch=arch, model_kwargs=model_kwargs, img_size=img_size, config=cfg,
-                      kind='teacher', use_norm=bool(use_norm), logit_scale=cfg.loss.s if use_norm else 1.0,
+                      kind='teacher', use_norm=bool(method.cosine_logits),
+                      logit_scale=cfg.loss.s if method.cosine_logits else 1.0,
                       loss={'type': cfg.loss.type, 'drw_epoch': cfg.loss.drw_epoch, 'sam': cfg.sam.enabled})
     drw = f'+DRW@{cfg.loss.drw_epoch}' if cfg.loss.drw_epoch is not None else ''
     sam = f'+SAM({cfg.sam.backend})' if cfg.sam.enabled else ''
-    description = (f'{display_arch(arch, model_kwargs)} ({"cosine" if use_norm else "linear"} head) @ {img_size} px, '
-                   f'{cfg.loss.type.upper()}{drw}{sam}; {cfg.data.name}: {len(train)} train images, {num_classes} '
-                   f'classes; augmentation on the {data.placement}; global batch {cfg.optim.batch_size} '
-                   f'(micro-batch {data.micro_batch} x {cfg.optim.accum_steps} accumulation x '
+    head = 'cosine' if method.cosine_logits else 'linear'
+    description = (f'{display_arch(arch, model_kwargs)} ({head} head) @ {img_size} px, {cfg.loss.type.upper()}{drw}'
+                   f'{sam}{" + Mixup/CutMix" if mixing else ""}; {cfg.data.name}: {len(train)} train images, '
+                   f'{num_classes} classes; augmentation on the {data.placement}; global batch '
+                   f'{cfg.optim.batch_size} (micro-batch {data.micro_batch} x {cfg.optim.accum_steps} accumulation x '
                    f'{accelerator.num_processes} process(es)), lr {cfg.optim.lr:g}')
     return RunParts(kind='teacher', model=model, optimizer=optimizer, scheduler=scheduler,
                     train_batches=data.train_batches, eval_batches=data.eval_batches, loss_fn=loss_fn, meta=meta,
                     train_counts=train.train_counts.tolist(), groups=train.splits.groups,
-                    class_names=train.class_names, on_epoch=on_epoch, update=update,
+                    class_names=train.class_names, prepare=prepare, on_epoch=on_epoch, update=update,
                     accum_steps=cfg.optim.accum_steps, description=description,
                     compile=want_compile(cfg.runtime.compile, device),
+                    logit_adjust=posthoc_offsets(cfg.posthoc_adjust, train.train_counts),
                     files={'class_map': {'student_label_of_original_id': train.class_map.tolist()}}
                     if train.class_map is not None else {})
 

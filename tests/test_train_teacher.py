@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -243,3 +244,21 @@ def test_published_teacher_configs_load():
     assert inat.sam.rho_steps == [0.05, 0.1, 0.1, 0.2] and inat.optim.lr == 0.1
     with pytest.raises(ConfigError, match="unknown config key 'sam.radius'"):
         load_config(TeacherTrainConfig, DIGITS, ['sam.radius=0.1'])
+
+
+def test_mixup_teacher_and_posthoc_adjusted_predictors(tmp_path):
+    # CE with Mixup (APA's teacher recipes), the post-hoc adjustments evaluated beside the plain logits
+    r = train_teacher(_cfg('loss.type=ce', 'aug.mixup=0.2', 'optim.epochs=1', 'loss.drw_epoch=null',
+                           'optim.milestones=[]', 'optim.warmup_epochs=0', 'posthoc_adjust=[iif,prior]',
+                           f'runtime.output_dir={tmp_path}'))
+    test = r['last']['test']
+    assert set(r['predictors']) == {'logits', 'logits_iif', 'logits_prior'} and r['headline'] == 'logits'
+    # the offsets move predictions towards the tail: never fewer tail hits than the plain logits give here
+    counts = torch.tensor([114, 88, 68, 52, 40, 31, 24, 19, 14, 11], dtype=torch.float64)
+    from teachers.recipe import posthoc_offsets
+    off = posthoc_offsets(['iif', 'prior'], counts)
+    assert off['iif'][0] == pytest.approx(math.log((counts.sum() - 114) / 114))
+    assert off['prior'][-1] == pytest.approx(-math.log(11 / counts.sum()))
+    assert all(test[p]['top1'] >= 0 for p in r['predictors'])
+    with pytest.raises(ConfigError, match='takes class labels'):
+        validate_config(_cfg('loss.type=ldam', 'aug.mixup=0.2'))

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import abc
 import math
+import os
 import random
 import warnings
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -34,10 +35,21 @@ __all__ = ['Batch', 'resolve_placement', 'TrainBatches', 'DeviceTrainBatches', '
 
 @dataclass
 class Batch:
-    """One micro-batch: augmented normalised images, labels, and optionally the clean (un-augmented) images."""
+    """One micro-batch: augmented normalised images, labels, optionally the clean (un-augmented) images, and the
+    extra augmented views of the same images (two-view methods: MDCS weak/strong, P2OT's swapped prediction)."""
     x: torch.Tensor
     y: torch.Tensor
     x_clean: torch.Tensor | None = None
+    views: tuple[torch.Tensor, ...] = ()
+
+
+def default_workers(setting: int | None) -> int:
+    """DataLoader workers: the configured number, or the cores this process may use (up to 8)."""
+    if setting is not None:
+        return max(0, int(setting))
+    local = int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return max(0, min(8, cores // max(local, 1) - 1))
 
 
 def resolve_placement(dataset: LTDataset, cfg: AugConfig, max_mb: int = 4096) -> str:
@@ -93,13 +105,16 @@ class DeviceTrainBatches(TrainBatches):
 
     def __init__(self, dataset: LTDataset, cfg: AugConfig, *, img_size: int, batch_size: int,
                  device: torch.device, sampler: LTSampler, seed: int, rank: int = 0, return_clean: bool = False,
-                 compile: bool = False, drop_last: bool = True):
+                 compile: bool = False, drop_last: bool = True, extra_views: Sequence[AugConfig] = ()):
         super().__init__(sampler, batch_size, seed, rank, drop_last)
         from .gpu_aug import DeviceAugment, DeviceEvalTransform
         self.device = torch.device(device)
         # float64 interpolation reproduces PIL bit for bit (CPU, tests); on GPUs float32 is the fast choice (a few
         # pixels of a warped image may land one uint8 level lower)
-        self.augment = DeviceAugment(cfg, img_size, in_chans=dataset.in_chans, precise=self.device.type == 'cpu')
+        precise = self.device.type == 'cpu'
+        self.augment = DeviceAugment(cfg, img_size, in_chans=dataset.in_chans, precise=precise)
+        self.view_augments = [DeviceAugment(v, img_size, in_chans=dataset.in_chans, precise=precise)
+                              for v in extra_views]
         # np.array copies: cached datasets are read-only memory maps, which torch.from_numpy warns about
         self.images = torch.from_numpy(np.array(dataset.images)).permute(0, 3, 1, 2).contiguous().to(self.device)
         self.targets = torch.from_numpy(dataset.targets).to(self.device)
@@ -118,31 +133,44 @@ class DeviceTrainBatches(TrainBatches):
             gen.manual_seed(step_seed(self.seed, epoch, step, self.rank))
             params = self.augment.sample_params(len(idx), tuple(images.shape[-2:]), self.device, gen)
             x = self._apply(images, params)
-            yield Batch(x, self.targets[idx], self.clean(images) if self.clean is not None else None)
+            views = []
+            for v, augment in enumerate(self.view_augments, start=1):   # each view its own random stream
+                gen.manual_seed(step_seed(self.seed, epoch, step, self.rank, v))
+                views.append(augment(images, gen))
+            yield Batch(x, self.targets[idx], self.clean(images) if self.clean is not None else None, tuple(views))
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
+    torch.manual_seed(seed)
 
 
 class _SeededSamples(torch.utils.data.Dataset):
     """Dataset view whose items are (index, seed): each sample's augmentation is seeded by its position in the
-    epoch, not by worker state, so the loader path is reproducible and resumable."""
+    epoch, not by worker state, so the loader path is reproducible and resumable. Items are
+    (x, y, clean image or an empty tensor, extra views...)."""
 
-    def __init__(self, dataset: LTDataset, transform, clean_transform=None):
+    def __init__(self, dataset: LTDataset, transform, clean_transform=None, view_transforms: Sequence = ()):
         self.dataset = dataset
         self.transform = transform
         self.clean_transform = clean_transform
+        self.view_transforms = list(view_transforms)
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, item):
         i, seed = item
-        random.seed(seed)
-        np.random.seed(seed & 0xFFFFFFFF)
-        torch.manual_seed(seed)
+        _seed_all(seed)
         img, y = self.dataset[i]
         x = self.transform(img)
-        if self.clean_transform is None:
-            return x, y
-        return x, y, self.clean_transform(img)
+        clean = self.clean_transform(img) if self.clean_transform is not None else torch.empty(0)
+        views = []
+        for v, transform in enumerate(self.view_transforms, start=1):
+            _seed_all(step_seed(seed, v))
+            views.append(transform(img))
+        return (x, y, clean, *views)
 
 
 class _EpochBatchSampler:
@@ -169,15 +197,16 @@ class LoaderTrainBatches(TrainBatches):
 
     def __init__(self, dataset: LTDataset, cfg: AugConfig, *, img_size: int, batch_size: int,
                  device: torch.device, sampler: LTSampler, seed: int, rank: int = 0, return_clean: bool = False,
-                 drop_last: bool = True):
+                 drop_last: bool = True, extra_views: Sequence[AugConfig] = ()):
         super().__init__(sampler, batch_size, seed, rank, drop_last)
         self.device = torch.device(device)
         mean, std = resolve_norm(cfg.mean, cfg.std, dataset.in_chans)
         clean = build_eval_transform(img_size, 1.0, cfg.interpolation, mean, std, dataset.in_chans) \
             if return_clean else None
-        samples = _SeededSamples(dataset, build_train_transform(cfg, img_size, dataset.in_chans), clean)
+        views = [build_train_transform(v, img_size, dataset.in_chans) for v in extra_views]
+        samples = _SeededSamples(dataset, build_train_transform(cfg, img_size, dataset.in_chans), clean, views)
         self.batch_sampler = _EpochBatchSampler(self)
-        workers = cfg.num_workers
+        workers = default_workers(cfg.num_workers)
         self.loader = torch.utils.data.DataLoader(
             samples, batch_sampler=self.batch_sampler, num_workers=workers,
             pin_memory=self.device.type == 'cuda', persistent_workers=workers > 0,
@@ -186,25 +215,27 @@ class LoaderTrainBatches(TrainBatches):
     def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         self.batch_sampler.epoch, self.batch_sampler.start_step = epoch, start_step
         for item in self.loader:
-            x, y = item[0].to(self.device, non_blocking=True), item[1].to(self.device, non_blocking=True)
-            clean = item[2].to(self.device, non_blocking=True) if len(item) > 2 else None
-            yield Batch(x, y, clean)
+            x, y, clean = (t.to(self.device, non_blocking=True) for t in item[:3])
+            views = tuple(t.to(self.device, non_blocking=True) for t in item[3:])
+            yield Batch(x, y, clean if clean.numel() else None, views)
 
 
 def create_train_batches(dataset: LTDataset, cfg: AugConfig, *, img_size: int, batch_size: int,
                          device: torch.device | str, sampler: LTSampler, seed: int, rank: int = 0,
                          return_clean: bool = False, placement: str | None = None,
-                         max_device_mb: int = 4096, compile: bool = False, drop_last: bool = True) -> TrainBatches:
+                         max_device_mb: int = 4096, compile: bool = False, drop_last: bool = True,
+                         extra_views: Sequence[AugConfig] = ()) -> TrainBatches:
     """The training batches for `dataset` with augmentation `cfg` on the configured / automatic placement.
 
-    With placement 'auto' (None here and cfg.placement 'auto'), a recipe the device path does not implement (e.g.
-    an AutoAugment policy) falls back to the loader with a warning.
+    `extra_views` are the augmentations of further views of the same images (`Batch.views`), each drawn from its
+    own random stream. With placement 'auto' (None here and cfg.placement 'auto'), a recipe the device path does
+    not implement (AutoAugment, rotation) falls back to the loader with a warning.
     """
     if len(sampler) < batch_size:
         raise ValueError(f'the batch ({batch_size} per device) is larger than the samples one device sees per '
                          f'epoch ({len(sampler)}); lower optim.batch_size')
     common = dict(img_size=img_size, batch_size=batch_size, device=torch.device(device), sampler=sampler, seed=seed,
-                  rank=rank, return_clean=return_clean, drop_last=drop_last)
+                  rank=rank, return_clean=return_clean, drop_last=drop_last, extra_views=tuple(extra_views))
     chosen = placement or resolve_placement(dataset, cfg, max_device_mb)
     if chosen == 'loader':
         return LoaderTrainBatches(dataset, cfg, **common)
@@ -248,7 +279,7 @@ class EvalBatches:
             tf = build_eval_transform(img_size, crop_pct, cfg.interpolation, mean, std, dataset.in_chans)
             subset = torch.utils.data.Subset(_Transformed(dataset, tf), self.indices.tolist())
             self.loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False,
-                                                      num_workers=cfg.num_workers,
+                                                      num_workers=default_workers(cfg.num_workers),
                                                       pin_memory=self.device.type == 'cuda')
 
     def __len__(self) -> int:

@@ -55,6 +55,7 @@ from .resize import resample, resize_weights, sample_rrc_boxes
 from .transforms import DeviceAugment, DeviceEvalTransform
 
 __all__ = [
-    'DeviceAugment', 'DeviceEvalTransform', 'BatchedRandAugment', 'GEOMETRIC_OPS', 'SUPPORTED_OPS', 'apply_ops', 'level_to_arg',
-    'resize_weights', 'resample', 'sample_rrc_boxes', 'sample_erasing', 'apply_erasing', 'resolve_channel_stats',
+    'DeviceAugment', 'DeviceEvalTransform', 'BatchedRandAugment', 'GEOMETRIC_OPS', 'SUPPORTED_OPS', 'apply_ops',
+    'level_to_arg', 'resize_weights', 'resample', 'sample_rrc_boxes', 'sample_erasing', 'apply_erasing',
+    'resolve_channel_stats',
 ]

@@ -58,6 +58,10 @@ class DeviceAugment:
                              f"'{cfg.re_mode}', {cfg.re_count}")
         if cfg.crop == 'pad_crop' and cfg.padding < 0:
             raise ValueError(f'aug.padding must be >= 0, got {cfg.padding}')
+        if cfg.auto_augment or cfg.rotate:
+            raise ValueError('aug.auto_augment and aug.rotate run in the loader placement only (PIL)')
+        if cfg.cutout < 0:
+            raise ValueError(f'aug.cutout must be >= 0, got {cfg.cutout}')
         self.cfg = cfg
         self.img_size = int(img_size)
         self.in_chans = in_chans
@@ -123,6 +127,9 @@ class DeviceAugment:
                                 cfg.re_count, generator, device)
             for key, value in er.items():
                 p['re_' + key] = value
+        if cfg.cutout:
+            centre = _rand((n, 2), generator, device) * self.img_size
+            p['cutout'] = torch.floor(centre).long()      # (B, 2) centre row, column
         return p
 
     def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -160,6 +167,13 @@ class DeviceAugment:
         x = (x / 255.0 - mean) / std                     # ToTensor + Normalize
         if 're_boxes' in params:
             x = apply_erasing(x, {k[3:]: v for k, v in params.items() if k.startswith('re_')})
+        if 'cutout' in params:   # the loader path's Cutout: a square set to the normalised zero, -mean / std
+            half = cfg.cutout // 2
+            rows = torch.arange(s, device=x.device)[None, :, None]
+            cols = torch.arange(s, device=x.device)[None, None, :]
+            cy, cx = params['cutout'][:, 0, None, None], params['cutout'][:, 1, None, None]
+            m = (rows >= cy - half) & (rows < cy + half) & (cols >= cx - half) & (cols < cx + half)
+            x = torch.where(m[:, None], -mean / std, x)
         return x
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
