@@ -92,6 +92,13 @@ class RunParts:
         compile: torch.compile the model for training.
         files: JSON files written into the output folder at the start ({name: data}).
         logit_adjust: {name: (C,) offsets}: post-hoc adjusted predictors evaluated beside the plain ones.
+        evaluate: a recipe's own evaluation of one split, (model, split name, batches) -> {predictor: {'top1', 'top5',
+            'head', 'mid', 'tail', ...}, ...} (clustering matches clusters to classes first); default
+            `deit_lt.eval.evaluate`.
+        selection: (split reports of the epoch, the epoch's record) -> score; best.safetensors keeps the epoch with
+            the highest score (default: top-1 of the headline predictor on the selection split). A label-free
+            recipe selects on its training statistics here.
+        headline: the predictor a run is judged by (default: 'avg' for distilled students, else 'logits').
     """
     kind: str
     model: nn.Module
@@ -112,6 +119,9 @@ class RunParts:
     compile: bool = False
     files: dict[str, Any] = dataclasses.field(default_factory=dict)
     logit_adjust: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    evaluate: Callable[[nn.Module, str, EvalBatches], dict] | None = None
+    selection: Callable[[dict, dict], float] | None = None
+    headline: str | None = None
 
 
 @dataclasses.dataclass
@@ -206,11 +216,15 @@ class _Run:
     # ---- evaluation ---------------------------------------------------------------------------------------------
     def run_eval(self, label: str) -> dict:
         gather = gather_fn(self.acc)
-        self.last_report = {
-            split: evaluate(self.model, batches, self.p.groups, self.p.meta['num_classes'], autocast=self.acc.autocast,
-                            gather=gather, desc=f'{label} {split}', show_progress=self.is_main and self.cfg.progress,
-                            logit_adjust=self.p.logit_adjust)
-            for split, batches in self.p.eval_batches.items()}
+        if self.p.evaluate is not None:
+            self.last_report = {split: self.p.evaluate(self.model, split, batches)
+                                for split, batches in self.p.eval_batches.items()}
+        else:
+            self.last_report = {
+                split: evaluate(self.model, batches, self.p.groups, self.p.meta['num_classes'],
+                                autocast=self.acc.autocast, gather=gather, desc=f'{label} {split}',
+                                show_progress=self.is_main and self.cfg.progress, logit_adjust=self.p.logit_adjust)
+                for split, batches in self.p.eval_batches.items()}
         self.evaluated_at = self.state.updates
         return self.last_report
 
@@ -230,7 +244,7 @@ def _select_split(setting: str, eval_batches: dict) -> str:
 
 def _headline(parts: RunParts) -> str:
     from .models.factory import headline_predictor
-    return headline_predictor(parts.model)
+    return parts.headline or headline_predictor(parts.model)
 
 
 def fit(parts: RunParts, cfg: RuntimeConfig, wandb_cfg: WandbConfig, accelerator, *, name: str, epochs: int,
@@ -301,7 +315,7 @@ def _epoch(run: _Run) -> None:
     if epoch_done and ((epoch + 1) % cfg.eval_every == 0 or final or stopped):
         report = run.run_eval(f'epoch {epoch + 1}/{run.epochs}')
         record.update(run.headline_of(report))
-        _maybe_best(run, report, epoch)
+        _maybe_best(run, report, record)
     if run.is_main:
         _print_epoch(run, record)
         run.logger.log({f'epoch/{k}': v for k, v in record.items() if isinstance(v, (int, float))}
@@ -315,10 +329,13 @@ def _epoch(run: _Run) -> None:
         run.save_state(f'epoch{st.epoch:05d}-update{st.updates:08d}')
 
 
-def _maybe_best(run: _Run, report: dict, epoch: int) -> None:
+def _maybe_best(run: _Run, report: dict, record: dict) -> None:
+    epoch = record['epoch']
     top1 = report[run.select_on][run.headline]['top1']
-    if run.state.best is None or top1 > run.state.best['top1']:
-        run.state.best = {'epoch': epoch, 'split': run.select_on, 'predictor': run.headline, 'top1': top1}
+    score = run.p.selection(report, record) if run.p.selection is not None else top1
+    if run.state.best is None or score > run.state.best['score']:
+        run.state.best = {'epoch': epoch, 'split': run.select_on, 'predictor': run.headline, 'top1': top1,
+                          'score': score}
         if run.is_main:
             save_model_file(run.out / 'best.safetensors', run.acc.unwrap_model(run.model).state_dict(),
                             run._file_meta(epoch=epoch, checkpoint='best', selection=run.state.best,

@@ -24,7 +24,7 @@ __all__ = ['TeacherModelConfig', 'TeacherLossConfig', 'SamConfig', 'TeacherOptim
 class TeacherModelConfig:
     """The teacher CNN: a timm name plus keyword arguments (never pretrained)."""
     name: str = 'resnet32'              # resnet32 (CIFAR), resnet50 (ImageNet-LT / iNat), or any timm CNN
-    use_norm: bool | None = None        # cosine (NormedLinear) head; null = auto (on for LDAM, as the originals)
+    use_norm: bool | None = None        # cosine head; null = the method's default (on for LDAM, as the originals)
     img_size: int | None = None         # null: the data's own size for in-memory sets (32 CIFAR, 8 digits), else 224
     drop_rate: float = 0.0
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)   # more timm.create_model arguments

@@ -61,6 +61,8 @@ class TeacherMethod:
         mixing: whether the loss accepts Mixup/CutMix probability targets.
         cosine_logits: the model outputs unscaled cosines (an LDAM / cosine head): the scale the model file records
             for soft distillation is `loss.s`; False: the outputs are logits already (scale 1).
+        default_use_norm: what `model.use_norm: null` means for this method (the `use_norm` argument of the
+            architecture: a cosine head).
 
     Args:
         cfg: the teacher config (its `loss` section and `loss.kwargs` are the method's options).
@@ -71,6 +73,7 @@ class TeacherMethod:
     views = 1
     mixing = False
     cosine_logits = False
+    default_use_norm = False
 
     def __init__(self, cfg, train_counts, model: nn.Module):
         self.cfg = cfg
@@ -134,8 +137,10 @@ class CrossEntropyMethod(TeacherMethod):
 class LDAMMethod(CrossEntropyMethod):
     """LDAM: margins on the true class, scale s, on a cosine head (Cao et al., NeurIPS 2019); DRW as for 'ce'."""
     mixing = False
+    default_use_norm = True
 
 
 def _use_norm(cfg) -> bool:
-    """The config's cosine-head setting; `model.use_norm: null` means on for LDAM, as the originals."""
-    return cfg.model.use_norm if cfg.model.use_norm is not None else cfg.loss.type == 'ldam'
+    """The config's cosine-head setting: `model.use_norm`, or the method's default (on for LDAM, as the
+    originals)."""
+    return cfg.model.use_norm if cfg.model.use_norm is not None else get_method(cfg.loss.type).default_use_norm

@@ -47,7 +47,7 @@ def posthoc_offsets(names: list[str], train_counts) -> dict[str, torch.Tensor]:
 
 
 def _model(cfg: TeacherTrainConfig, num_classes: int, in_chans: int):
-    use_norm = cfg.model.use_norm if cfg.model.use_norm is not None else cfg.loss.type == 'ldam'
+    use_norm = cfg.model.use_norm if cfg.model.use_norm is not None else get_method(cfg.loss.type).default_use_norm
     kwargs = dict(cfg.model.kwargs)
     if cfg.model.drop_rate:
         kwargs['drop_rate'] = cfg.model.drop_rate
