@@ -26,7 +26,7 @@ from .errors import ConfigError
 __all__ = [
     'ConfigError', 'DataConfig', 'EvalAugConfig', 'AugConfig', 'MixAugConfig', 'EvalRuntimeConfig', 'RuntimeConfig',
     'WandbConfig', 'OptimConfig', 'ModelConfig', 'TeacherConfig', 'DistillConfig', 'TrainConfig', 'load_config',
-    'load_yaml_with_bases', 'apply_overrides', 'from_dict', 'to_dict', 'save_config',
+    'load_yaml_with_bases', 'apply_overrides', 'from_dict', 'to_dict', 'save_config', 'scale_schedule',
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -179,6 +179,10 @@ class OptimConfig:
     clip_grad: float | None = None
     fused: bool | None = None           # fused AdamW / SGD kernel (default: on GPU)
     epochs: int = 1200
+    # Shrink (or stretch) the whole recipe in time: epochs, warmup, milestones and every epoch-valued setting of the
+    # config (DRW epoch, SAM radius steps, evaluation and checkpoint cadence) are multiplied by it when the config is
+    # loaded, so `optim.epochs_scale=0.01` is a short run of the same recipe (1200 -> 12 epochs, DRW 1100 -> 11).
+    epochs_scale: float = 1.0
     batch_size: int = 1024              # global batch per optimizer update (see the class docstring)
     accum_steps: int = 4                # micro-batches per optimizer update (gradient accumulation)
     sched: Literal['cosine', 'multistep', 'constant'] = 'cosine'
@@ -445,10 +449,48 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def load_config(cls: type, path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> Any:
-    """Load `cls` (a config dataclass) from an optional YAML file with bases, then apply dotted overrides."""
+    """Load `cls` (a config dataclass) from an optional YAML file with bases, then apply dotted overrides and
+    `optim.epochs_scale` (the resolved config holds the scaled schedule and epochs_scale 1)."""
     raw = load_yaml_with_bases(path) if path else {}
     raw = apply_overrides(raw, list(overrides), schema=cls)
-    return from_dict(cls, raw)
+    return scale_schedule(from_dict(cls, raw))
+
+
+def scale_schedule(cfg: Any) -> Any:
+    """Multiply every epoch-valued setting of a training config by `cfg.optim.epochs_scale` (in place), then set
+    the scale to 1. Epochs and cadences stay >= 1, 0-based switch epochs stay inside the schedule, step boundaries
+    stay increasing. Method options under `loss.kwargs` are not touched."""
+    optim = getattr(cfg, 'optim', None)
+    s = getattr(optim, 'epochs_scale', 1.0)
+    if optim is None or s == 1.0:
+        return cfg
+    if s <= 0:
+        raise ConfigError(f'optim.epochs_scale must be > 0, got {s}')
+    epochs = max(1, round(optim.epochs * s))
+
+    def inside(e: int | None) -> int | None:
+        return None if e is None else min(max(0, round(e * s)), epochs - 1)
+    optim.epochs = epochs
+    optim.warmup_epochs = optim.warmup_epochs * s
+    if optim.sched_unit == 'epoch':
+        optim.warmup_epochs = float(min(round(optim.warmup_epochs), epochs - 1))
+    optim.milestones = [inside(m) for m in optim.milestones]
+    for section in ('distill', 'loss'):
+        if hasattr(getattr(cfg, section, None), 'drw_epoch'):
+            getattr(cfg, section).drw_epoch = inside(getattr(cfg, section).drw_epoch)
+    sam = getattr(cfg, 'sam', None)
+    if sam is not None and getattr(sam, 'step_epochs', None):
+        bounds, last = [], 0
+        for b in sam.step_epochs:               # 1-based boundaries: strictly increasing
+            last = max(last + 1, round(b * s))
+            bounds.append(last)
+        sam.step_epochs = bounds
+    runtime = getattr(cfg, 'runtime', None)
+    for key in ('eval_every', 'save_every'):
+        if hasattr(runtime, key):
+            setattr(runtime, key, max(1, round(getattr(runtime, key) * s)))
+    optim.epochs_scale = 1.0
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
