@@ -144,6 +144,7 @@ class RuntimeConfig(EvalRuntimeConfig):
     save_every_steps: int = 0           # also checkpoint every N optimizer updates inside an epoch (0 = off)
     keep_checkpoints: int = 1           # resumable checkpoints kept besides best / last
     resume: str | None = None           # 'auto' (latest in output_dir, if any) or a checkpoint folder
+    overwrite: bool = False             # start afresh in an output_dir that holds a run (its run files are removed)
     log_every: int = 50                 # optimizer updates between train scalars (the only host syncs)
     max_steps: int | None = None        # stop after this many optimizer updates (tests, smoke runs)
 

@@ -31,11 +31,11 @@ from torch import nn
 from .checkpoint import atomic_write_text, load_training_state, save_model_file, save_training_state
 from .config import RuntimeConfig, WandbConfig, save_config, to_dict
 from .data.pipeline import EvalBatches, TrainBatches
-from .errors import CheckpointError, ConfigError, NonFiniteLossError
+from .errors import CheckpointError, ConfigError, NonFiniteLossError, PreemptedError, TrainingError
 from .eval import HEADLINE_METRICS, compact_report, evaluate, format_report
 from .models.factory import load_state_dict_checked
 from .progress import Progress, format_seconds
-from .runtime import gather_fn, resolve_resume, run_provenance
+from .runtime import OutputDir, StopSignals, gather_fn, resolve_resume, run_provenance
 from .seeding import seed_step
 from .tracking import RunLogger, plot_per_class_accuracy
 
@@ -171,6 +171,20 @@ class _Run:
         self.model = self.optimizer = None
         self.logger: RunLogger | None = None
         self.wandb_cfg = wandb_cfg
+        self.signals = StopSignals()
+
+    def stop_requested(self, sync_point: bool) -> str | None:
+        """The signal that asks this run to stop, agreed by every process. A single process checks after every
+        update; several processes agree at their synchronisation points (the log interval), so that all of them
+        stop after the same update."""
+        if self.acc.num_processes == 1:
+            return self.signals.requested
+        if not sync_point:
+            return None
+        names = StopSignals.NAMES
+        code = names.index(self.signals.requested) + 1 if self.signals.requested else 0
+        agreed = int(self.acc.reduce(torch.tensor([code], device=self.acc.device), reduction='max').item())
+        return names[agreed - 1] if agreed else None
 
     # ---- resume -------------------------------------------------------------------------------------------------
     def _load(self, ckpt_dir: Path) -> None:
@@ -260,18 +274,35 @@ def fit(parts: RunParts, cfg: RuntimeConfig, wandb_cfg: WandbConfig, accelerator
         epochs: length of the schedule.
         config: the resolved config dataclass (saved as config.yaml and logged to W&B).
     """
-    run = _Run(parts, cfg, wandb_cfg, accelerator, name=name, epochs=epochs, config=config)
-    _start(run)
+    guard = OutputDir(cfg, accelerator.is_main_process)
+    run = None
     try:
-        while run.state.epoch < epochs and run.stopped_by is None:
-            _epoch(run)
-        if run.evaluated_at != run.state.updates:
+        accelerator.wait_for_everyone()
+        run = _Run(parts, cfg, wandb_cfg, accelerator, name=name, epochs=epochs, config=config)
+        _start(run)
+        with run.signals:
+            while run.state.epoch < epochs and run.stopped_by is None:
+                _epoch(run)
+        preempted = run.stopped_by is not None and run.stopped_by.startswith('SIG')
+        if run.evaluated_at != run.state.updates and not preempted:
             # stopped inside an epoch, or resumed a finished run: the final weights have not been evaluated yet
             run.run_eval('final')
-        return _finish(run)
+        report = _finish(run)
+        if preempted:
+            raise PreemptedError(f'stopped by {run.stopped_by} after update {run.state.updates} (epoch '
+                                 f'{run.state.epoch}); the checkpoint in {cfg.output_dir}/checkpoints is resumable: '
+                                 f'run the same command with runtime.resume=auto')
+        return report
+    except RuntimeError as e:
+        # a collective whose peer died (gloo: "Connection closed by peer"; NCCL ends the survivors by the launcher)
+        if accelerator.num_processes > 1 and 'closed by peer' in str(e):
+            raise TrainingError(f'another process of this run stopped (see its log); the last checkpoint in '
+                                f'{cfg.output_dir}/checkpoints is intact: resume with runtime.resume=auto') from None
+        raise
     finally:
-        if run.logger is not None:
+        if run is not None and run.logger is not None:
             run.logger.finish()
+        guard.release()
 
 
 def _start(run: _Run) -> None:
@@ -312,7 +343,8 @@ def _epoch(run: _Run) -> None:
     stopped = run.stopped_by is not None
     record = {'epoch': epoch, 'updates': st.updates, 'lr': lr, **scalars,
               'train': dict(train_stats, time_s=round(time.time() - t0, 2))}
-    if epoch_done and ((epoch + 1) % cfg.eval_every == 0 or final or stopped):
+    preempted = stopped and run.stopped_by.startswith('SIG')   # a signal: save quickly, no evaluation
+    if epoch_done and not preempted and ((epoch + 1) % cfg.eval_every == 0 or final or stopped):
         report = run.run_eval(f'epoch {epoch + 1}/{run.epochs}')
         record.update(run.headline_of(report))
         _maybe_best(run, report, record)
@@ -426,8 +458,11 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
             if cfg.max_steps is not None and st.updates >= cfg.max_steps:
                 run.stopped_by = 'max_steps'
             save_due = bool(cfg.save_every_steps) and st.updates % cfg.save_every_steps == 0 and st.step < run.n_steps
-            if (st.updates % max(cfg.log_every, 1) == 0 or st.step == run.n_steps or save_due
-                    or run.stopped_by is not None):
+            sync_point = st.updates % max(cfg.log_every, 1) == 0 or st.step == run.n_steps or save_due
+            signal_name = run.stop_requested(sync_point)
+            if signal_name is not None and run.stopped_by is None:
+                run.stopped_by = signal_name
+            if sync_point or run.stopped_by is not None:
                 flush()   # also the finiteness check before anything is saved
             if run.stopped_by is not None:
                 break

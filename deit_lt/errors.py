@@ -5,7 +5,8 @@ code; a traceback is only ever a bug. README.md lists the codes.
 """
 from __future__ import annotations
 
-__all__ = ['DeitLTError', 'ConfigError', 'DatasetError', 'CheckpointError', 'TrainingError', 'NonFiniteLossError']
+__all__ = ['DeitLTError', 'ConfigError', 'DatasetError', 'CheckpointError', 'TrainingError', 'NonFiniteLossError',
+           'PreemptedError']
 
 
 class DeitLTError(Exception):
@@ -37,3 +38,9 @@ class TrainingError(DeitLTError, RuntimeError):
 class NonFiniteLossError(TrainingError):
     """The training loss became NaN or infinite."""
 
+
+class PreemptedError(TrainingError):
+    """A signal (SIGTERM / SIGINT / SIGUSR1 from a scheduler or the user) stopped the run after a resumable
+    checkpoint; `runtime.resume=auto` continues it exactly. The exit code (75, EX_TEMPFAIL) tells a job script to
+    requeue."""
+    exit_code = 75

@@ -1,7 +1,14 @@
-"""Process-level plumbing shared by the tools: the Accelerator, resume lookup, gathering, provenance."""
+"""Process-level plumbing shared by the tools: the Accelerator, the output folder (one run at a time), stop signals,
+resume lookup, gathering, provenance."""
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import shutil
+import signal
+import socket
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -10,9 +17,104 @@ from accelerate import Accelerator
 
 from .checkpoint import latest_checkpoint
 from .config import EvalRuntimeConfig, RuntimeConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
-__all__ = ['create_accelerator', 'resolve_resume', 'gather_fn', 'want_compile', 'run_provenance']
+__all__ = ['create_accelerator', 'resolve_resume', 'gather_fn', 'want_compile', 'run_provenance', 'OutputDir',
+           'StopSignals']
+
+# what a run writes into its output folder (removed by runtime.overwrite=true)
+RUN_FILES = ('checkpoints', 'report.json', 'best.safetensors', 'last.safetensors', 'log.jsonl', 'config.yaml',
+             'per_class_accuracy.png', 'class_counts.json', 'class_map.json')
+
+
+class OutputDir:
+    """One run per output folder.
+
+    The main process holds an exclusive `flock` on `<output_dir>/.lock` while the run lives (the kernel releases it
+    when the process dies, so a crashed run leaves no stale lock; on file systems without working flock, e.g. some
+    NFS setups, the check is void). A folder that holds a run already is not reused unless `resume` continues it or
+    `overwrite` clears it first.
+
+    Args:
+        cfg: the runtime section (output_dir, resume, overwrite).
+        is_main: only the main process locks and clears.
+    """
+
+    def __init__(self, cfg: RuntimeConfig, is_main: bool):
+        self.path = Path(cfg.output_dir)
+        self.is_main = is_main
+        self._fd: int | None = None
+        started = (self.path / 'checkpoints' / 'latest').is_file() or (self.path / 'report.json').is_file()
+        if started and cfg.resume is None and not cfg.overwrite:
+            raise ConfigError(f'{self.path} already holds a run ({self._describe()}); continue it with '
+                              f'runtime.resume=auto, replace it with runtime.overwrite=true, or choose another '
+                              f'runtime.output_dir')
+        if is_main:
+            self._lock()
+            if cfg.overwrite and cfg.resume is None:
+                for name in RUN_FILES:
+                    target = self.path / name
+                    if target.is_dir():
+                        shutil.rmtree(target)
+                    elif target.exists():
+                        target.unlink()
+
+    def _describe(self) -> str:
+        try:
+            report = json.loads((self.path / 'report.json').read_text())
+            return 'finished' if report.get('finished') else 'unfinished'
+        except (OSError, ValueError):
+            return 'started, with checkpoints'
+
+    def _lock(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / '.lock', os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors='replace').strip() or 'another process'
+            os.close(fd)
+            raise ConfigError(f'{self.path} is in use by a live run ({holder}); wait for it or choose another '
+                              f'runtime.output_dir') from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f'pid {os.getpid()} on {socket.gethostname()}\n'.encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+class StopSignals:
+    """SIGTERM, SIGINT and SIGUSR1 ask the run to stop at the next optimizer-update boundary instead of killing it
+    (a scheduler's preemption; SLURM's `--signal=USR1@120`); a second SIGINT interrupts at once. Use as a context
+    manager; outside the main thread (where Python allows no handlers) it only reports no request."""
+    NAMES = ('SIGTERM', 'SIGINT', 'SIGUSR1')
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if name == 'SIGINT' and self.requested == 'SIGINT':
+            raise KeyboardInterrupt
+        self.requested = name
+
+    def __enter__(self) -> 'StopSignals':
+        if threading.current_thread() is threading.main_thread():
+            for name in self.NAMES:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 def create_accelerator(cfg: EvalRuntimeConfig) -> Accelerator:
