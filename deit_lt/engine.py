@@ -393,6 +393,57 @@ def _print_epoch(run: _Run, record: dict) -> None:
                   flush=True)
 
 
+class _Stats:
+    """Sample-weighted sums of the step statistics, kept on the device between log points (no host sync per step);
+    `flush` reads them (the one synchronisation of a log interval), checks the loss is finite and logs the means."""
+
+    def __init__(self, run: _Run, epoch: int, progress: Progress):
+        self.run, self.epoch, self.progress = run, epoch, progress
+        device = run.acc.device
+        self.window: dict[str, torch.Tensor] = {}
+        self.count = torch.zeros((), device=device, dtype=torch.float64)
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.totals: dict[str, float] = {}
+        self.total_n = 0.0
+        self.t_window, self.n_window = time.perf_counter(), 0
+
+    def add(self, loss: torch.Tensor, stats: dict[str, torch.Tensor], n: int) -> None:
+        for k, v in stats.items():
+            if k not in self.window:
+                self.window[k] = torch.zeros((), device=self.count.device, dtype=torch.float64)
+            self.window[k] += v.double() * n
+        self.count.add_(n)
+        self.bad |= ~torch.isfinite(loss)
+        self.n_window += n
+
+    def flush(self) -> None:
+        run, st = self.run, self.run.state
+        if self.bad.item():
+            raise NonFiniteLossError(f'the training loss became non-finite in epoch {self.epoch + 1} before update '
+                                     f'{st.updates}; stopped, the last good checkpoint is kept. Lower optim.lr '
+                                     f'(or sam.rho) and resume')
+        n = self.count.item()
+        if n == 0:
+            return
+        vals = {k: (v / n).item() for k, v in self.window.items()}
+        dt = time.perf_counter() - self.t_window
+        for k, v in vals.items():
+            self.totals[k] = self.totals.get(k, 0.0) + v * n
+            self.window[k].zero_()
+        self.total_n += n
+        self.count.zero_()
+        if run.is_main:
+            run.logger.log({f'train/{k}': v for k, v in vals.items()}
+                           | {'train/lr': run.optimizer.param_groups[0]['lr'],
+                              'train/epoch': self.epoch + st.step / run.n_steps,
+                              'train/img_per_s': self.n_window * run.acc.num_processes / max(dt, 1e-9)}, st.updates)
+            self.progress.set_postfix(f'loss {vals.get("loss", float("nan")):.4f}')
+        self.t_window, self.n_window = time.perf_counter(), 0
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(self.total_n, 1.0) for k, v in self.totals.items()}
+
+
 def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
     """Micro-steps of `epoch` from `state.step` to the end (or until a stop); returns the epoch's mean statistics."""
     p, acc, st, cfg = run.p, run.acc, run.state, run.cfg
@@ -400,80 +451,41 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
     if st.step % p.accum_steps:
         raise CheckpointError(f'resume micro-step {st.step} is not at an accumulation boundary ({p.accum_steps})')
     model.train()
-    device = acc.device
-    rank = acc.process_index
-    window: dict[str, torch.Tensor] = {}     # sample-weighted sums of the statistics, on the device
-    wcount = torch.zeros((), device=device, dtype=torch.float64)
-    bad = torch.zeros((), dtype=torch.bool, device=device)
-    t_window, n_window = time.perf_counter(), 0
-    totals: dict[str, float] = {}
-    total_n = 0.0
     progress = Progress(run.n_steps, f'epoch {epoch + 1}/{run.epochs}', enabled=run.is_main and cfg.progress,
                         initial=st.step)
-
-    def flush() -> None:
-        nonlocal t_window, n_window, total_n
-        if bad.item():   # the one host sync of the log interval
-            raise NonFiniteLossError(f'the training loss became non-finite in epoch {epoch + 1} before update '
-                                     f'{st.updates}; stopped, the last good checkpoint is kept. Lower optim.lr '
-                                     f'(or sam.rho) and resume')
-        n = wcount.item()
-        if n == 0:
-            return
-        vals = {k: (v / n).item() for k, v in window.items()}
-        dt = time.perf_counter() - t_window
-        for k, v in vals.items():
-            totals[k] = totals.get(k, 0.0) + v * n
-            window[k].zero_()
-        total_n += n
-        wcount.zero_()
-        if run.is_main:
-            run.logger.log({f'train/{k}': v for k, v in vals.items()}
-                           | {'train/lr': optimizer.param_groups[0]['lr'], 'train/epoch': epoch + st.step / run.n_steps,
-                              'train/img_per_s': n_window * acc.num_processes / max(dt, 1e-9)}, st.updates)
-            progress.set_postfix(f'loss {vals.get("loss", float("nan")):.4f}')
-        t_window, n_window = time.perf_counter(), 0
-
+    stats = _Stats(run, epoch, progress)
     t0, n_seen = time.perf_counter(), 0
     for batch in p.train_batches.iter_epoch(epoch, start_step=st.step):
         step = st.step
-        seed_step(cfg.seed, epoch, step, rank)
+        seed_step(cfg.seed, epoch, step, acc.process_index)
         length, sync = windows(run.n_steps, p.accum_steps, step)
-        inputs, loss, stats = forward_backward(p, model, acc, batch, scale=1.0 / length, sync=sync)
-        n = batch.y.shape[0]
-        for k, v in stats.items():
-            if k not in window:
-                window[k] = torch.zeros((), device=device, dtype=torch.float64)
-            window[k] += v.double() * n
-        wcount.add_(n)
-        bad |= ~torch.isfinite(loss)
-        n_window += n
-        n_seen += n
+        inputs, loss, step_stats = forward_backward(p, model, acc, batch, scale=1.0 / length, sync=sync)
+        stats.add(loss, step_stats, batch.y.shape[0])
+        n_seen += batch.y.shape[0]
         st.step = step + 1
         progress.update()
-        if sync:
-            optimizer_update(p, model, optimizer, acc, inputs)
-            st.updates += 1
-            p.scheduler.step_update(st.updates)
-            if cfg.max_steps is not None and st.updates >= cfg.max_steps:
-                run.stopped_by = 'max_steps'
-            save_due = bool(cfg.save_every_steps) and st.updates % cfg.save_every_steps == 0 and st.step < run.n_steps
-            sync_point = st.updates % max(cfg.log_every, 1) == 0 or st.step == run.n_steps or save_due
-            signal_name = run.stop_requested(sync_point)
-            if signal_name is not None and run.stopped_by is None:
-                run.stopped_by = signal_name
-            if sync_point or run.stopped_by is not None:
-                flush()   # also the finiteness check before anything is saved
-            if run.stopped_by is not None:
-                break
-            if save_due:
-                run.save_state(f'epoch{st.epoch:05d}-update{st.updates:08d}')
-    flush()
+        if not sync:
+            continue
+        optimizer_update(p, model, optimizer, acc, inputs)
+        st.updates += 1
+        p.scheduler.step_update(st.updates)
+        if cfg.max_steps is not None and st.updates >= cfg.max_steps:
+            run.stopped_by = 'max_steps'
+        save_due = bool(cfg.save_every_steps) and st.updates % cfg.save_every_steps == 0 and st.step < run.n_steps
+        sync_point = st.updates % max(cfg.log_every, 1) == 0 or st.step == run.n_steps or save_due
+        signal_name = run.stop_requested(sync_point)
+        if signal_name is not None and run.stopped_by is None:
+            run.stopped_by = signal_name
+        if sync_point or run.stopped_by is not None:
+            stats.flush()   # also the finiteness check before anything is saved
+        if run.stopped_by is not None:
+            break
+        if save_due:
+            run.save_state(f'epoch{st.epoch:05d}-update{st.updates:08d}')
+    stats.flush()
     progress.close()
-    out = {k: v / max(total_n, 1.0) for k, v in totals.items()}
     dt = time.perf_counter() - t0
-    out['img_per_s'] = round(n_seen * acc.num_processes / max(dt, 1e-9), 1)
-    return out
+    return stats.means() | {'img_per_s': round(n_seen * acc.num_processes / max(dt, 1e-9), 1)}
 
 
 def forward_backward(parts: RunParts, model: nn.Module, accelerator, batch, *, scale: float = 1.0, sync: bool = True

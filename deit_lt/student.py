@@ -34,7 +34,7 @@ from .recipe import RunData, create_run_data, load_datasets, model_meta
 from .runtime import create_accelerator, want_compile
 from .seeding import seed_step
 
-__all__ = ['build_student', 'student_parts', 'train']
+__all__ = ['build_student', 'StudentStep', 'student_parts', 'train']
 
 
 def build_student(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
@@ -110,6 +110,54 @@ class StudentInputs:
     teacher_logits: torch.Tensor | None
 
 
+class StudentStep:
+    """What the DeiT-LT student does per epoch and micro-batch.
+
+    `on_epoch`: the DRW switch, and in the CIFAR recipe's DRW phase plain images and hard labels (no Mixup, no
+    smoothing). `prepare` (once per micro-batch, after the step's random streams are seeded): Mixup / CutMix with
+    label smoothing, then the frozen teacher labels the *same mixed batch* resized to its input. `loss`: the student
+    and the DeiT-LT loss (`deit_lt.losses.DistillationLoss`).
+    """
+
+    def __init__(self, cfg: TrainConfig, train_counts, num_classes: int, teacher: nn.Module | None, accelerator):
+        d, a = cfg.distill, cfg.aug
+        self.cfg, self.num_classes, self.teacher, self.acc = cfg, num_classes, teacher, accelerator
+        self.criterion = DistillationLoss(train_counts, distill=d.type, alpha=d.alpha, tau=d.tau,
+                                          drw_epoch=d.drw_epoch, beta=d.beta).to(accelerator.device)
+        self.mixing = a.mixup > 0 or a.cutmix > 0
+        self.mixup_fn = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob,
+                              switch_prob=a.mixup_switch_prob, mode=a.mixup_mode, label_smoothing=a.smoothing,
+                              num_classes=num_classes) if self.mixing else None
+        self.mix, self.smoothing = self.mixing, a.smoothing
+
+    def on_epoch(self, epoch: int) -> dict[str, Any]:
+        self.criterion.set_epoch(epoch)
+        plain = self.criterion.drw_active and self.cfg.distill.no_mixup_drw
+        self.mix = self.mixing and not plain
+        self.smoothing = 0.0 if plain else self.cfg.aug.smoothing
+        return {'drw': self.criterion.drw_active, 'mixup': self.mix}
+
+    def prepare(self, batch: Batch) -> StudentInputs:
+        x, y, c = batch.x, batch.y, self.num_classes
+        if self.mix:
+            x, targets = self.mixup_fn(x, y)
+        elif self.smoothing > 0:
+            targets = torch.full((len(y), c), self.smoothing / c, device=y.device)
+            targets.scatter_(1, y[:, None], 1.0 - self.smoothing + self.smoothing / c)
+        else:
+            targets = y
+        teacher_logits = None
+        if self.teacher is not None:
+            with self.acc.autocast():
+                teacher_logits = self.teacher(x if self.cfg.teacher.input == 'mixed' else batch.x_clean)
+        return StudentInputs(x, targets, teacher_logits)
+
+    def loss(self, model: nn.Module, inputs: StudentInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        outputs = model(inputs.x)
+        cls_logits, dist_logits = outputs if isinstance(outputs, tuple) else (outputs, None)
+        return self.criterion(cls_logits, dist_logits, inputs.targets, inputs.teacher_logits)
+
+
 def student_parts(cfg: TrainConfig, accelerator, sets: dict | None = None) -> RunParts:
     """Build the DeiT-LT student run (model, teacher, data, loss, optimizer, schedule) for `deit_lt.engine.fit`.
 
@@ -131,8 +179,7 @@ def student_parts(cfg: TrainConfig, accelerator, sets: dict | None = None) -> Ru
                            img_size=img_size, eval_batch_size=cfg.runtime.eval_batch_size,
                            return_clean=cfg.distill.type != 'none' and cfg.teacher.input == 'clean',
                            compile=compile_)
-    mixing = cfg.aug.mixup > 0 or cfg.aug.cutmix > 0
-    if mixing and data.micro_batch % 2:
+    if (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0) and data.micro_batch % 2:
         raise ConfigError(f'Mixup/CutMix pair images within a micro-batch: its size {data.micro_batch} '
                           f'(optim.batch_size / processes / optim.accum_steps) must be even')
     channels_last = cfg.runtime.channels_last and device.type == 'cuda'
@@ -143,41 +190,7 @@ def student_parts(cfg: TrainConfig, accelerator, sets: dict | None = None) -> Ru
     optimizer = create_optimizer(model, cfg.optim, device)
     upe = updates_per_epoch(len(data.train_batches), cfg.optim.accum_steps)
     scheduler = create_scheduler(optimizer, cfg.optim, upe)
-    criterion = DistillationLoss(data.train.train_counts, distill=cfg.distill.type, alpha=cfg.distill.alpha,
-                                 tau=cfg.distill.tau, drw_epoch=cfg.distill.drw_epoch, beta=cfg.distill.beta).to(device)
-    mixup_fn = Mixup(mixup_alpha=cfg.aug.mixup, cutmix_alpha=cfg.aug.cutmix, prob=cfg.aug.mixup_prob,
-                     switch_prob=cfg.aug.mixup_switch_prob, mode=cfg.aug.mixup_mode,
-                     label_smoothing=cfg.aug.smoothing, num_classes=num_classes) if mixing else None
-    phase = {'mix': mixing, 'smoothing': cfg.aug.smoothing}
-
-    def on_epoch(epoch: int) -> dict[str, Any]:
-        criterion.set_epoch(epoch)
-        # CIFAR recipe: the DRW phase trains on plain images and hard labels (no Mixup, no smoothing)
-        plain = criterion.drw_active and cfg.distill.no_mixup_drw
-        phase['mix'] = mixing and not plain
-        phase['smoothing'] = 0.0 if plain else cfg.aug.smoothing
-        return {'drw': criterion.drw_active, 'mixup': phase['mix']}
-
-    def prepare(batch: Batch) -> StudentInputs:
-        x, y = batch.x, batch.y
-        if phase['mix']:
-            x, targets = mixup_fn(x, y)
-        elif phase['smoothing'] > 0:
-            s = phase['smoothing']
-            targets = torch.full((len(y), num_classes), s / num_classes, device=device)
-            targets.scatter_(1, y[:, None], 1.0 - s + s / num_classes)
-        else:
-            targets = y
-        teacher_logits = None
-        if teacher is not None:
-            with accelerator.autocast():
-                teacher_logits = teacher(x if cfg.teacher.input == 'mixed' else batch.x_clean)
-        return StudentInputs(x, targets, teacher_logits)
-
-    def loss_fn(model: nn.Module, inputs: StudentInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        outputs = model(inputs.x)
-        cls_logits, dist_logits = outputs if isinstance(outputs, tuple) else (outputs, None)
-        return criterion(cls_logits, dist_logits, inputs.targets, inputs.teacher_logits)
+    step = StudentStep(cfg, data.train.train_counts, num_classes, teacher, accelerator)
 
     model_kwargs = dict(cfg.model.kwargs, in_chans=in_chans,
                         **({'img_size': cfg.model.img_size} if cfg.model.img_size else {}))
@@ -193,9 +206,9 @@ def student_parts(cfg: TrainConfig, accelerator, sets: dict | None = None) -> Ru
     if data.train.class_map is not None:
         files['class_map'] = {'student_label_of_original_id': data.train.class_map.tolist()}
     return RunParts(kind='student', model=model, optimizer=optimizer, scheduler=scheduler,
-                    train_batches=data.train_batches, eval_batches=data.eval_batches, loss_fn=loss_fn, meta=meta,
+                    train_batches=data.train_batches, eval_batches=data.eval_batches, loss_fn=step.loss, meta=meta,
                     train_counts=data.train.train_counts.tolist(), groups=data.train.splits.groups,
-                    class_names=data.train.class_names, prepare=prepare, on_epoch=on_epoch,
+                    class_names=data.train.class_names, prepare=step.prepare, on_epoch=step.on_epoch,
                     update=PlainUpdate(cfg.optim.clip_grad), accum_steps=cfg.optim.accum_steps,
                     description=description, compile=compile_, files=files)
 

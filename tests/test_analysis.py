@@ -23,6 +23,7 @@ from deit_lt.analysis import (FeatureRecorder, agreement, attention_hooks, atten
                               mean_attention_distance, numerical_rank, patch_distances, rank_summary,
                               reliability_bins, run_analysis, singular_values, variance_rank)
 from deit_lt.checkpoint import CheckpointError, save_model_file
+from deit_lt.cli import run_tool
 from deit_lt.config import AugConfig, DataConfig, DistillConfig, ModelConfig, TeacherConfig, TrainConfig, to_dict
 from deit_lt.data import create_datasets
 from deit_lt.data.transforms import resolve_norm
@@ -286,7 +287,8 @@ def checkpoints(tmp_path_factory):
 
 
 def test_tool_writes_every_figure_and_the_numbers_behind_them(checkpoints, tmp_path, capsys):
-    main = _tool().main
+    tool = _tool()
+    main = lambda argv: run_tool(tool.main, argv)   # noqa: E731  (the tool's error handling)
     out = tmp_path / 'analysis'
     code = main(['--checkpoint', str(checkpoints['root'] / 'deit_lt'), '--compare', str(checkpoints['vit']),
                  str(checkpoints['rebalanced']), str(checkpoints['teacher']), 'num_images=150',   # an override here
@@ -335,7 +337,8 @@ def test_tool_writes_every_figure_and_the_numbers_behind_them(checkpoints, tmp_p
 
 
 def test_tool_user_errors_are_one_line(checkpoints, tmp_path, capsys):
-    main = _tool().main
+    tool = _tool()
+    main = lambda argv: run_tool(tool.main, argv)   # noqa: E731  (the tool's error handling)
     five = timm.create_model('deit_micro_patch2_8', num_classes=5, in_chans=1)
     wrong = save_model_file(tmp_path / 'five.safetensors', five.state_dict(), {'kind': 'student',
                             'arch': 'deit_micro_patch2_8', 'num_classes': 5, 'model_kwargs': {'in_chans': 1}})

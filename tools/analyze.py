@@ -23,9 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
 
 from deit_lt.analysis import load_analysis_config, run_analysis  # noqa: E402
-from deit_lt.checkpoint import CheckpointError  # noqa: E402
-from deit_lt.config import ConfigError  # noqa: E402
-from deit_lt.data.lt_datasets import DatasetError  # noqa: E402
+from deit_lt.cli import run_tool  # noqa: E402
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,15 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     args.compare = [c for c in args.compare if c not in moved]
     args.overrides = moved + args.overrides
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s', datefmt='%H:%M:%S')
-    try:
-        cfg = load_analysis_config(
-            [args.checkpoint, *args.compare], args.overrides, data_root=args.data, output_dir=args.out,
-            teacher=args.teacher, cpu=args.cpu, analyses=args.analyses.split(',') if args.analyses else None,
-            labels=[s.strip() for s in args.labels.split(',')] if args.labels else None)
-        report = run_analysis(cfg)
-    except (ConfigError, CheckpointError, DatasetError) as e:   # AnalysisError is a ConfigError
-        print(f'error: {e}', file=sys.stderr)
-        return getattr(e, 'exit_code', 2)
+    cfg = load_analysis_config(
+        [args.checkpoint, *args.compare], args.overrides, data_root=args.data, output_dir=args.out,
+        teacher=args.teacher, cpu=args.cpu, analyses=args.analyses.split(',') if args.analyses else None,
+        labels=[s.strip() for s in args.labels.split(',')] if args.labels else None)
+    report = run_analysis(cfg)
     print(_summary(report))
     for name, path in report['figures'].items():
         print(f'  {name:<19} {path}')
@@ -89,4 +83,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -37,7 +37,7 @@ from ..data.lt_datasets import LTDataset, create_datasets
 from ..data.pipeline import create_eval_batches
 from ..data.transforms import resolve_norm
 from ..models.cnn import has_cosine_head
-from ..models.factory import create_model_from_checkpoint, is_distilled, model_outputs, unwrap_model
+from ..models.factory import create_model_from_checkpoint, is_distilled, unwrap_model
 from ..models.layers.normed_linear import COSINE_LOGIT_SCALE
 from ..tracking import RunLogger
 from . import plots
@@ -48,14 +48,8 @@ from .expertise import expertise_report
 from .geometry import classifier_norms
 from .rank import FeatureRecorder
 
-try:   # TeacherAdapter moves from the engine to models.teacher; model_predictors is newer than model_outputs
-    from ..models.teacher import TeacherAdapter
-except ImportError:
-    from ..engine import TeacherAdapter
-try:
-    from ..models.factory import model_predictors as _model_predictors
-except ImportError:
-    _model_predictors = None
+from ..models.factory import model_predictors
+from ..models.teacher import TeacherAdapter
 
 __all__ = ['probe_indices', 'subset_dataset', 'predictor_logits', 'analyse_checkpoint',
            'run_analysis', 'default_labels', 'output_dir_of']
@@ -100,15 +94,9 @@ def subset_dataset(ds: LTDataset, idx: np.ndarray) -> LTDataset:
 
 
 def predictor_logits(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Logits (B, C) of every predictor: 'cls', 'dist', 'avg' = (z_cls + z_dist) / 2 of a distilled student (DeiT-LT's
-    three), the factory's full set where it offers one (`model_predictors`: multi-expert models add their experts),
-    'logits' of any other model."""
-    if _model_predictors is not None:
-        return _model_predictors(model, x)
-    if is_distilled(model):
-        z_cls, z_dist = model_outputs(model, x)
-        return {'cls': z_cls, 'dist': z_dist, 'avg': (z_cls + z_dist) / 2}
-    return {'logits': model(x)}
+    """Logits (B, C) of every predictor (`deit_lt.models.factory.model_predictors`): 'cls', 'dist', 'avg' of a
+    distilled student, 'logits' (and 'expert<i>' for multi-expert models) of any other."""
+    return model_predictors(model, x)
 
 
 def _img_size(model: nn.Module, meta: Mapping[str, Any]) -> int:
