@@ -94,7 +94,7 @@ def cli_run(tmp_path_factory):
 
 def test_cli_run_learns_and_writes_outputs(cli_run):
     out, stdout = cli_run
-    assert '[teacher] done' in stdout and 'LDAM+DRW@16+SAM' in stdout
+    assert '[teacher] digits_lt_ldam_drw_sam: final after 300 updates' in stdout and 'LDAM+DRW@16+SAM' in stdout
     report = json.loads((out / 'report.json').read_text())
     assert report['progress']['epochs_done'] == 20 and len(report['history']) == 20 and report['finished']
     assert report['last']['test']['logits']['top1'] > 60.0, report['last']['test']     # chance: 10%

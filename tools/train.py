@@ -18,30 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from deit_lt.cli import config_parser, run_tool  # noqa: E402
-from deit_lt.config import TrainConfig, load_config  # noqa: E402
-from deit_lt.eval import format_report  # noqa: E402
-from deit_lt.runtime import create_accelerator  # noqa: E402
+from deit_lt.cli import run_tool, train_main  # noqa: E402
+from deit_lt.config import TrainConfig  # noqa: E402
+from deit_lt.student import train  # noqa: E402
 
 
 def main(argv=None) -> int:
-    args = config_parser(__doc__, 'configs/digits_lt/deit_lt.yaml').parse_args(argv)
-    cfg = load_config(TrainConfig, args.config, args.overrides)
-    accelerator = create_accelerator(cfg.runtime)
-    try:
-        from deit_lt.student import train
-        result = train(cfg, accelerator)
-    finally:
-        accelerator.end_training()
-    if accelerator.is_main_process and 'test' in result['last']:
-        state = 'final' if result['finished'] else 'UNFINISHED'
-        print(format_report(result['last']['test'], f'{state} ({cfg.name}, after {result["progress"]["updates_done"]}'
-                                                    f' updates): test'))
-        if 'best' in result:
-            b = result['best']
-            print(f'best {b["predictor"].upper()} top-1 on {b["split"]}: {b["top1"]:.2f} (epoch {b["epoch"] + 1})')
-        print(f'outputs in {cfg.runtime.output_dir}')
-    return 0
+    return train_main(argv, doc=__doc__, example='configs/digits_lt/deit_lt.yaml', config_cls=TrainConfig, train=train)
 
 
 if __name__ == '__main__':
