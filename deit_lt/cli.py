@@ -17,7 +17,7 @@ def run_tool(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     try:
         return main(argv)
     except DeitLTError as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
+        print(f'error: {" ".join(str(e).split())}', file=sys.stderr, flush=True)   # one line, whatever the message
         return e.exit_code
 
 

@@ -61,15 +61,24 @@ class DataConfig:
     many_threshold: int = 100
     few_threshold: int = 20
     split_bounds: list[int] | None = None   # [a, b] for split='index'; dataset default when empty
-    # Balanced validation split, per class, carved from training images that the long-tailed subset did
-    # not use (CIFAR leftovers, digits' pool); a class without enough leftovers gives from its training
-    # images. 0 = no validation split (list datasets use `val_list` instead).
+    # Validation images per class, taken only from images the long-tailed subset does not use (CIFAR leftovers,
+    # digits' reserve), so the training split never changes; a class with fewer leftovers (CIFAR's class 0 has
+    # none) gives what it has, with a warning. 0 = no validation split. List and folder datasets refuse it: their
+    # training list is the subset itself (give `val_list` or a val/ folder).
     val_per_class: int = 0
     test_per_class: int = 40            # digits_lt only: balanced test images per class
     cache_dir: str | None = None        # decoded-image cache (default ~/.cache/deit_lt)
     preload: bool = False               # list datasets: decode every image once and keep it in memory
     preload_size: int | None = None     # ... resized so that the short side is this many pixels
     in_memory_max_mb: int = 4096        # refuse to put more than this on the device for the device pipeline
+    # Checks of list / folder datasets before training, so that a bad file fails in seconds, not hours in:
+    # 'exists' stats every listed file (each missing one is named by list file and line), 'decode' also decodes
+    # every image (in threads, with a progress bar; it reads all the data), 'none' checks only the first file.
+    verify: Literal['none', 'exists', 'decode'] = 'exists'
+    # An image that cannot be read or decoded: 'error' stops with its list file and line; 'skip' reads the next
+    # readable image of the same class in its place (batch shapes and exact resume unchanged) and lists it in
+    # skipped_images.json in the run folder.
+    bad_images: Literal['error', 'skip'] = 'error'
 
 
 @dataclasses.dataclass
@@ -475,7 +484,8 @@ def scale_schedule(cfg: Any) -> Any:
     optim.warmup_epochs = optim.warmup_epochs * s
     if optim.sched_unit == 'epoch':
         optim.warmup_epochs = float(min(round(optim.warmup_epochs), epochs - 1))
-    optim.milestones = [inside(m) for m in optim.milestones]
+    # a decay step stays after the first epoch, and one that falls outside the shorter schedule is dropped
+    optim.milestones = [m for m in (max(1, round(m * s)) for m in optim.milestones) if m < epochs]
     for section in ('distill', 'loss'):
         if hasattr(getattr(cfg, section, None), 'drw_epoch'):
             getattr(cfg, section).drw_epoch = inside(getattr(cfg, section).drw_epoch)

@@ -309,6 +309,8 @@ def _start(run: _Run) -> None:
     p, acc, st = run.p, run.acc, run.state
     run.p.scheduler.step(st.epoch)
     run.p.scheduler.step_update(st.updates)
+    # where the data layer records images it had to skip (data.bad_images=skip)
+    p.train_batches.attach_run_dir(run.out)
     model = p.model.to(acc.device)
     if p.compile:
         model = torch.compile(model)

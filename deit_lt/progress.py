@@ -37,6 +37,7 @@ class Progress:
     def __init__(self, total: int, desc: str, *, unit: str = 'step', enabled: bool = True, initial: int = 0,
                  leave: bool = False):
         self.total, self.desc, self.unit = int(total), desc, unit
+        self.units = unit + ('es' if unit.endswith(('s', 'ch')) else 's')
         self.n = self._start = int(initial)
         self.enabled = enabled
         self._bar = None
@@ -68,7 +69,7 @@ class Progress:
         eta = (self.total - self.n) / rate if rate > 0 else float('inf')
         eta_text = format_seconds(eta) if eta != float('inf') else '?'
         extra = f', {self._postfix}' if self._postfix else ''
-        print(f'  {self.desc}: {self.n}/{self.total} {self.unit}s, {rate:.2f} {self.unit}/s, ETA {eta_text}{extra}',
+        print(f'  {self.desc}: {self.n}/{self.total} {self.units}, {rate:.2f} {self.unit}/s, ETA {eta_text}{extra}',
               file=sys.stderr, flush=True)
 
     def close(self) -> None:

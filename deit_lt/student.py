@@ -33,6 +33,7 @@ from .optim import create_optimizer, create_scheduler, scaled_lr
 from .recipe import RunData, create_run_data, load_datasets, model_meta
 from .runtime import create_accelerator, want_compile
 from .seeding import seed_step
+from .tracking import check_wandb
 
 __all__ = ['build_student', 'StudentStep', 'student_parts', 'train']
 
@@ -220,6 +221,7 @@ def train(cfg: TrainConfig, accelerator=None) -> dict:
         cfg: the resolved config.
         accelerator: an `accelerate.Accelerator` (default: `deit_lt.runtime.create_accelerator(cfg.runtime)`).
     """
+    check_wandb(cfg.wandb)     # before any data or model work
     accelerator = accelerator or create_accelerator(cfg.runtime)
     parts = student_parts(cfg, accelerator)
     return fit(parts, cfg.runtime, cfg.wandb, accelerator, name=cfg.name, epochs=cfg.optim.epochs, config=cfg)

@@ -28,6 +28,7 @@ from deit_lt.optim import create_optimizer, create_scheduler
 from deit_lt.recipe import create_run_data, load_datasets, model_meta
 from deit_lt.runtime import create_accelerator, want_compile
 from deit_lt.seeding import seed_step
+from deit_lt.tracking import check_wandb
 
 from .config import FP16_SAM, TeacherTrainConfig, validate_config
 from .methods import get_method
@@ -146,6 +147,7 @@ def train_teacher(cfg: TeacherTrainConfig, accelerator=None) -> dict:
         accelerator: an `accelerate.Accelerator` (default: `deit_lt.runtime.create_accelerator(cfg.runtime)`).
     """
     validate_config(cfg)
+    check_wandb(cfg.wandb)     # before any data or model work
     accelerator = accelerator or create_accelerator(cfg.runtime)
     parts = teacher_parts(cfg, accelerator)
     return fit(parts, cfg.runtime, cfg.wandb, accelerator, name=cfg.name, epochs=cfg.optim.epochs, config=cfg)

@@ -1,20 +1,27 @@
-"""Long-tailed datasets: canonical CIFAR-LT subsets, list files, image folders, digits, splits, bad input."""
+"""Long-tailed datasets: canonical CIFAR-LT subsets, list files, image folders, digits, splits, validation splits
+that never shrink the training subset, up-front file checks, the bad-image policy on both loaders, RGB conversion."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import pickle
 import subprocess
 import sys
-import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import torch
+
 from conftest import CIFAR10_PACK, CIFAR100_LABELS, REPO, needs_cifar10, needs_cifar100_labels
-from deit_lt.config import DataConfig
+from deit_lt.config import AugConfig, ConfigError, DataConfig
 from deit_lt.data import (DatasetError, canonical_lt_indices, class_splits_from_counts, create_datasets,
                           lt_class_counts, parse_list_file)
+from deit_lt.data.lt_datasets import DIGITS_VAL_RESERVE, MAX_LISTED, SKIPPED_IMAGES_FILE, find_missing, read_list_file
+from deit_lt.data.pipeline import create_eval_batches, create_train_batches
+from deit_lt.data.samplers import create_sampler
 
 C10_IF100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 C10_IF50 = [5000, 3237, 2096, 1357, 878, 568, 368, 238, 154, 100]
@@ -143,7 +150,7 @@ def test_cifar_pickle_with_code_is_refused(tmp_path):
             return (print, ('pwned',))
     with open(folder / 'data_batch_1', 'wb') as f:
         pickle.dump({b'data': Evil(), b'labels': []}, f)
-    with pytest.raises(pickle.UnpicklingError, match='refusing'):
+    with pytest.raises(DatasetError, match='refusing to load builtins.print'):
         create_datasets(DataConfig(name='cifar10_lt', root=str(tmp_path)))
 
 
@@ -273,3 +280,270 @@ def test_dataset_stats_tool_json_and_indices(tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / 'tools' / 'dataset_stats.py'), '--dataset', 'digits_lt',
                           'data.imb_factr=3'], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown config key 'data.imb_factr'" in bad.stderr and 'imb_factor' in bad.stderr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation splits never shrink the long-tailed training subset
+# --------------------------------------------------------------------------------------------------------------
+
+def test_digits_val_split_leaves_the_training_split_alone():
+    base = create_datasets(DataConfig(name='digits_lt', imb_factor=10))['train']
+    assert base.class_counts.tolist() == [114, 88, 68, 52, 40, 31, 24, 19, 14, 11]
+    for k in (5, DIGITS_VAL_RESERVE):
+        d = create_datasets(DataConfig(name='digits_lt', imb_factor=10, val_per_class=k))
+        assert np.array_equal(d['train'].source_indices, base.source_indices)
+        assert d['val'].class_counts.tolist() == [k] * 10
+        assert not set(d['val'].source_indices) & set(base.source_indices)
+    # more than the reserve: the leftovers of the training pools; digit 0 (the largest class) has only 4 of them
+    with pytest.warns(UserWarning, match=r'digits 0 \(24\).*training split is unchanged'):
+        d = create_datasets(DataConfig(name='digits_lt', imb_factor=10, val_per_class=30))
+    assert np.array_equal(d['train'].source_indices, base.source_indices)
+    assert d['val'].class_counts.tolist() == [24] + [30] * 9
+    assert not set(d['val'].source_indices) & (set(base.source_indices) | set(d['test'].source_indices))
+
+
+@needs_cifar10
+def test_cifar_val_split_only_from_leftovers():
+    ref = create_datasets(DataConfig(name='cifar10_lt', root=str(CIFAR10_PACK), imb_factor=100))['train']
+    with pytest.warns(UserWarning, match=r'classes 0 \(0\)'):
+        d = create_datasets(DataConfig(name='cifar10_lt', root=str(CIFAR10_PACK), imb_factor=100, val_per_class=50))
+    # class 0 keeps all 5000 images at any imbalance factor: none left for validation, and the subset is untouched
+    assert np.array_equal(d['train'].source_indices, ref.source_indices)
+    assert d['train'].class_counts.tolist() == C10_IF100
+    assert d['val'].class_counts.tolist() == [0] + [50] * 9
+    assert not set(d['val'].source_indices.tolist()) & set(ref.source_indices.tolist())
+    labels = np.load(CIFAR10_PACK)['train_labels']
+    assert np.array_equal(d['val'].targets, labels[d['val'].source_indices])
+
+
+def test_val_per_class_refused_for_list_and_folder_datasets(tmp_path):
+    lines = _make_image_folder(tmp_path, [3, 2])
+    (tmp_path / 'train.txt').write_text('\n'.join(lines) + '\n')
+    with pytest.raises(ConfigError, match='training list is the subset itself.*data.val_list'):
+        create_datasets(DataConfig(name='image_list', root=str(tmp_path), train_list='train.txt',
+                                   test_list='train.txt', val_per_class=1))
+    with pytest.raises(ConfigError, match='a val/ folder'):
+        create_datasets(DataConfig(name='image_folder', root=str(tmp_path), val_per_class=1))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Up-front checks of list datasets
+# --------------------------------------------------------------------------------------------------------------
+
+def _list_dataset(root, counts, **cfg):
+    """An image_list dataset of tiny PNGs with train.txt = every image, test.txt = the first of each class."""
+    lines = _make_image_folder(root, counts, size=6)
+    (root / 'train.txt').write_text('# comment line\n' + '\n'.join(lines) + '\n')
+    firsts = [next(l for l in lines if l.endswith(f' {c}')) for c in range(len(counts))]
+    (root / 'test.txt').write_text('\n'.join(firsts) + '\n')
+    return DataConfig(name='image_list', root=str(root), train_list='train.txt', test_list='test.txt',
+                      split='threshold', sort_classes=False, **cfg), lines
+
+
+def test_missing_files_are_all_named_by_list_file_and_line(tmp_path):
+    cfg, lines = _list_dataset(tmp_path, [4, 3])
+    (tmp_path / 'img' / 'c0' / '2.png').unlink()           # train.txt line 4 (line 1 is a comment)
+    (tmp_path / 'img' / 'c1' / '0.png').unlink()           # train.txt line 6 and test.txt line 2
+    with pytest.raises(DatasetError) as e:
+        create_datasets(cfg)
+    msg = str(e.value)
+    assert '\n' not in msg and msg.startswith('3 of 9 listed images do not exist')
+    assert 'train.txt:4: ' in msg and 'train.txt:6: ' in msg and 'test.txt:2: ' in msg and 'c1/0.png' in msg
+    # verify=none trusts the lists (only the first file is looked at)
+    assert len(create_datasets(dataclasses.replace(cfg, verify='none'))['train']) == 7
+
+
+def test_many_missing_files_are_capped_in_the_message_and_listed_in_full(tmp_path):
+    cfg, _ = _list_dataset(tmp_path, [2])
+    extra = [f'gone/{i}.png 0' for i in range(MAX_LISTED + 5)]
+    (tmp_path / 'train.txt').write_text((tmp_path / 'train.txt').read_text() + '\n'.join(extra) + '\n')
+    with pytest.raises(DatasetError, match=rf'{MAX_LISTED + 5} of {MAX_LISTED + 8} listed.*\.\.\. 5 more \(all '
+                                           rf'{MAX_LISTED + 5} in ') as e:
+        create_datasets(cfg)
+    full = str(e.value).rsplit(' in ', 1)[1].rstrip(')')
+    assert len(open(full).read().splitlines()) == MAX_LISTED + 5
+
+
+def test_find_missing_threads_agree(tmp_path):
+    paths = [str(tmp_path / f'{i}') for i in range(50)]
+    for i in range(0, 50, 3):
+        open(paths[i], 'w').close()
+    (tmp_path / 'dir').mkdir()
+    paths.append(str(tmp_path / 'dir'))                   # a folder is not an image file
+    expect = [i for i in range(51) if i % 3 or i == 50]
+    assert find_missing(paths, threads=1) == expect == find_missing(paths, threads=4, chunk=7)
+
+
+def _corrupt(root, rel, kind):
+    path = root / rel
+    if kind == 'garbage':
+        path.write_bytes(b'this is not an image')
+    else:   # a JPEG cut in half: the header reads, the decode fails
+        Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(path.with_suffix('.jpg'), quality=90)
+        data = path.with_suffix('.jpg').read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+
+
+def test_decode_check_names_bad_files_or_records_the_skip(tmp_path):
+    cfg, _ = _list_dataset(tmp_path, [4, 3], verify='decode')
+    _corrupt(tmp_path, 'img/c0/1.png', 'garbage')            # train.txt:3
+    _corrupt(tmp_path, 'img/c1/2.png', 'truncated')          # train.txt:8
+    assert len(create_datasets(dataclasses.replace(cfg, verify='exists'))['train']) == 7   # exists: fine
+    with pytest.raises(DatasetError) as e:
+        create_datasets(cfg)
+    msg = str(e.value)
+    assert msg.startswith('2 of 9 listed images cannot be decoded') and '\n' not in msg
+    assert 'train.txt:3: ' in msg and 'train.txt:8: ' in msg and 'data.bad_images=skip' in msg
+    d = create_datasets(dataclasses.replace(cfg, bad_images='skip'))
+    tr = d['train']
+    assert len(tr.skipped) == 2 and len(tr) == 7   # nothing removed: replaced
+    tr.skipped.attach(tmp_path / 'run')
+    rec = json.loads((tmp_path / 'run' / SKIPPED_IMAGES_FILE).read_text())
+    assert rec['count'] == 2 and [r['where'].split(': ')[0][-11:] for r in rec['images']] == ['train.txt:3',
+                                                                                                 'train.txt:8']
+    assert rec['images'][0]['used_instead'].endswith('img/c0/2.png')       # the next image of class 0
+    assert rec['images'][1]['used_instead'].endswith('img/c1/0.png')       # wraps around inside class 1
+    img, used = tr.read(1)
+    assert used == 2 and np.array_equal(np.asarray(img), np.asarray(tr.read(2)[0]))
+
+
+def _loader(ds, workers, **aug):
+    cfg = AugConfig(crop='none', hflip=0.5, rand_augment=None, re_prob=0.0, repeated_aug=1, num_workers=workers,
+                    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), **aug)
+    return create_train_batches(ds, cfg, img_size=6, batch_size=4, device='cpu', seed=3, placement='loader',
+                                sampler=create_sampler('instance', ds.targets, seed=3), drop_last=False)
+
+
+@pytest.mark.parametrize('workers', [0, 1])
+def test_bad_image_met_in_training_stops_with_list_file_and_line(tmp_path, workers):
+    cfg, _ = _list_dataset(tmp_path, [4, 3])
+    _corrupt(tmp_path, 'img/c1/1.png', 'garbage')            # train.txt:7
+    ds = create_datasets(cfg)['train']
+    with pytest.raises(DatasetError) as e:
+        for _ in _loader(ds, workers).iter_epoch(0):
+            pass
+    msg = str(e.value)
+    assert '\n' not in msg and 'Traceback' not in msg
+    assert msg.startswith(f'{tmp_path}/train.txt:7: {tmp_path}/img/c1/1.png: cannot read this image')
+
+
+def test_skip_policy_keeps_batches_deterministic_and_writes_its_list(tmp_path):
+    cfg, _ = _list_dataset(tmp_path, [5, 4], bad_images='skip')
+    clean = _loader(create_datasets(cfg)['train'], 0)
+    _corrupt(tmp_path, 'img/c0/3.png', 'truncated')          # train.txt:5
+    runs = {}
+    for workers in (0, 1):
+        ds = create_datasets(cfg)['train']
+        batches = _loader(ds, workers)
+        batches.attach_run_dir(tmp_path / f'run{workers}')
+        runs[workers] = [b for e in (0, 1) for b in batches.iter_epoch(e)]
+        rec = json.loads((tmp_path / f'run{workers}' / SKIPPED_IMAGES_FILE).read_text())
+        assert rec['count'] == 1 and rec['images'][0]['where'].startswith(f'{tmp_path}/train.txt:5: ')
+        assert rec['images'][0]['used_instead'].endswith('img/c0/4.png') and rec['images'][0]['reason']
+        # resuming at step 1 of epoch 1 regenerates exactly what the uninterrupted run read
+        resumed = list(batches.iter_epoch(1, start_step=1))
+        assert all(torch.equal(a.x, b.x) for a, b in zip(resumed, runs[workers][len(batches) + 1:]))
+    reference = [b for e in (0, 1) for b in clean.iter_epoch(e)]
+    for a, b, r in zip(runs[0], runs[1], reference):
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and a.x.shape == r.x.shape
+    ds = create_datasets(cfg)['train']
+    assert ds.read(3)[1] == 4          # sample 3 (class 0) is read from sample 4, the next image of its class
+
+
+def test_skip_policy_in_evaluation(tmp_path):
+    cfg, lines = _list_dataset(tmp_path, [3, 3], bad_images='skip')
+    (tmp_path / 'test.txt').write_text('\n'.join(lines[1:]) + '\n')
+    _corrupt(tmp_path, 'img/c1/0.png', 'garbage')            # test.txt:3
+    d = create_datasets(cfg)
+    d['test'].skipped.attach(tmp_path / 'run')
+    ev = create_eval_batches(d['test'], AugConfig(num_workers=0, mean=(0.5,) * 3, std=(0.5,) * 3), img_size=6,
+                             batch_size=8, device='cpu', crop_pct=1.0, placement='loader')
+    (x, y), = list(ev)
+    assert x.shape == (5, 3, 6, 6) and y.tolist() == [0, 0, 1, 1, 1]
+    assert torch.equal(x[2], x[3])    # test sample 2 (c1/0.png) was read from the next one of class 1
+    rec = json.loads((tmp_path / 'run' / SKIPPED_IMAGES_FILE).read_text())
+    assert [r['split'] for r in rec['images']] == ['test'] and rec['images'][0]['where'].split(': ')[0].endswith(
+        'test.txt:3') and rec['images'][0]['used_instead'].endswith('c1/1.png')
+    # one readable image per class is needed: with none left, the run stops with a clear message
+    (tmp_path / 'test.txt').write_text(lines[3] + '\n' + lines[0] + '\n')
+    d = create_datasets(cfg)
+    ev = create_eval_batches(d['test'], AugConfig(num_workers=0), img_size=6, batch_size=8, device='cpu',
+                             crop_pct=1.0, placement='loader')
+    with pytest.raises(DatasetError, match=r'no image of class 1 \(1\) in the test split can be read'):
+        list(ev)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Every file becomes RGB the same way on every reading path
+# --------------------------------------------------------------------------------------------------------------
+
+def test_image_modes_convert_to_rgb_alike_when_read_lazily_or_preloaded(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    grey = rng.integers(0, 256, (5, 7), dtype=np.uint8)
+    grey16 = (grey.astype(np.uint16) * 257)
+    alpha = rng.integers(0, 256, (5, 7), dtype=np.uint8)
+    pal = Image.fromarray(grey).convert('P')
+    pal_t = pal.copy()
+    pal_t.info['transparency'] = int(np.asarray(pal)[0, 0])
+    images = {
+        'rgb.png': (Image.fromarray(rgb), rgb),
+        'l.png': (Image.fromarray(grey), np.repeat(grey[..., None], 3, 2)),
+        'la.png': (Image.fromarray(np.dstack([grey, alpha]), 'LA'), np.repeat(grey[..., None], 3, 2)),
+        'rgba.png': (Image.fromarray(np.dstack([rgb, alpha]), 'RGBA'), rgb),   # alpha dropped, colours kept
+        'p.png': (pal, np.asarray(pal.convert('RGB'))),
+        'pt.png': (pal_t, np.asarray(pal.convert('RGB'))),                      # transparency changes nothing
+        'cmyk.tif': (Image.fromarray(rgb).convert('CMYK'), np.asarray(Image.fromarray(rgb).convert('CMYK')
+                                                                      .convert('RGB'))),
+        'g16.png': (Image.fromarray(grey16), np.repeat(grey[..., None], 3, 2)),  # scaled, not clipped to white
+        'bw.png': (Image.fromarray(grey > 127), np.repeat(np.where(grey > 127, 255, 0)[..., None], 3, 2)),
+    }
+    for name, (img, _) in images.items():
+        img.save(tmp_path / name)
+    (tmp_path / 'train.txt').write_text(''.join(f'{n} 0\n' for n in images))
+    cfg = DataConfig(name='image_list', root=str(tmp_path), train_list='train.txt', test_list='train.txt',
+                     split='threshold', verify='decode')
+    lazy = create_datasets(cfg)['train']
+    pre = create_datasets(dataclasses.replace(cfg, preload=True))['train']
+    for i, (name, (_, expect)) in enumerate(images.items()):
+        a, b = lazy[i][0], pre[i][0]
+        assert a.mode == b.mode == 'RGB', name
+        assert np.array_equal(np.asarray(a), expect) and np.array_equal(np.asarray(b), expect), name
+
+
+def test_read_list_file_reports_lines_and_bad_encoding(tmp_path):
+    (tmp_path / 'a.txt').write_text('# header\n\nx.png 1\n  y z.png 0  \n')
+    paths, labels, lines = read_list_file(tmp_path / 'a.txt')
+    assert paths == ['x.png', 'y z.png'] and labels.tolist() == [1, 0] and lines.tolist() == [3, 4]
+    (tmp_path / 'b.txt').write_bytes(b'x.png 0\n\xff\xfe 1\n')
+    with pytest.raises(DatasetError, match='not a text list file'):
+        read_list_file(tmp_path / 'b.txt')
+
+
+def test_corrupt_cifar_pack_is_a_dataset_error(tmp_path):
+    (tmp_path / 'cifar10_jpeg.npz').write_bytes(b'PK\x03\x04 truncated zip')
+    with pytest.raises(DatasetError, match='not a readable .npz file'):
+        create_datasets(DataConfig(name='cifar10_lt', root=str(tmp_path / 'cifar10_jpeg.npz')))
+
+
+def test_skip_policy_run_writes_its_list_into_the_run_folder(tmp_path, monkeypatch):
+    import importlib.util
+
+    from deit_lt.cli import run_tool
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    cfg, _ = _list_dataset(tmp_path, [5, 4])
+    _corrupt(tmp_path, 'img/c1/2.png', 'garbage')            # train.txt:9
+    spec = importlib.util.spec_from_file_location('_skip_train_tool', REPO / 'tools' / 'train.py')
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / 'run'
+    code = run_tool(tool.main, [
+        'data.name=image_list', f'data.root={tmp_path}', 'data.train_list=train.txt', 'data.test_list=train.txt',
+        'data.split=threshold', 'data.bad_images=skip', 'model.name=deit_micro_distilled_patch2_8',
+        'model.img_size=8', 'distill.type=none', 'distill.drw_epoch=null', 'optim.epochs=1', 'optim.batch_size=3',
+        'optim.accum_steps=1', 'optim.sched=multistep', 'aug.mixup=0', 'aug.cutmix=0', 'aug.repeated_aug=1',
+        'aug.num_workers=0', 'aug.rand_augment=null', 'runtime.progress=false', 'runtime.compile=off',
+        'wandb.mode=disabled', f'runtime.output_dir={out}'])
+    assert code == 0
+    rec = json.loads((out / SKIPPED_IMAGES_FILE).read_text())
+    assert rec['count'] >= 1 and {r['where'].split(': ')[0][-11:] for r in rec['images']} == {'train.txt:9'}

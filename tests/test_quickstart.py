@@ -1,4 +1,4 @@
-"""The quickstart pipeline (teacher, DeiT-LT student, ViT + cRT / tau-norm, table) at a smaller size."""
+"""The quickstart pipeline (teacher, DeiT-LT student, ViT + cRT / tau-norm, table, next steps) at a smaller size."""
 from __future__ import annotations
 
 import json
@@ -27,4 +27,11 @@ def test_quickstart_pipeline_small(tmp_path):
     assert (out / 'per_class_accuracy.png').stat().st_size > 5000
     for stage in ('teacher', 'vit', 'deit_lt', 'vit_rebalance'):
         assert (out / stage / 'report.json').is_file()
+    assert all(row['finished'] for row in summary['rows']) and summary['scale'] == 0.25
     assert 'DeiT-LT DIST' in r.stdout and 'Outputs:' in r.stdout
+    for stage in ('teacher', 'vit', 'deit_lt', 'vit+crt'):
+        assert (out / f'{stage}.log').stat().st_size > 0
+    # accelerate launched with explicit values (no default-value warnings); the next steps are printed as commands
+    assert 'were not passed to `accelerate launch`' not in r.stdout
+    assert f'python tools/analyze.py --checkpoint {out}/deit_lt --compare {out}/vit {out}/teacher' in r.stdout
+    assert f'python tools/collect_results.py {out}/teacher' in r.stdout and f'--out {out}/results' in r.stdout

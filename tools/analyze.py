@@ -1,10 +1,10 @@
 """The DeiT-LT analyses of one or more trained models: figures and one JSON of the numbers behind them.
 
-    python tools/analyze.py --checkpoint runs/quickstart/deit_lt --compare runs/quickstart/vit \
+    python tools/analyze.py --checkpoint runs/quickstart/deit_lt --compare runs/quickstart/vit \\
         runs/quickstart/teacher --labels DeiT-LT,ViT,teacher --out runs/analysis/quickstart
-    python tools/analyze.py --checkpoint runs/cifar10_lt_if100_vit/last.safetensors \
+    python tools/analyze.py --checkpoint runs/cifar10_lt_if100_vit/last.safetensors \\
         --compare runs/rebalance/cifar10_lt_if100_vit_last/crt.safetensors --data /data --analyses geometry,calibration
-    python tools/analyze.py --checkpoint runs/deit_lt_sam --compare runs/deit_lt_nosam --analyses rank \
+    python tools/analyze.py --checkpoint runs/deit_lt_sam --compare runs/deit_lt_nosam --analyses rank \\
         num_images=2048 rank_rtol=1e-4 wandb.mode=disabled
 
 A checkpoint is a run folder (its last.safetensors) or a model file: students, teachers and re-balanced models.

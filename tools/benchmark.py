@@ -15,8 +15,8 @@ configured differently, each in a fresh process (its own precision, compile cach
     python tools/benchmark.py                                                     # GPU defaults, all three paths
     python tools/benchmark.py --model deit_small_distilled_patch4_32 --paths fast,ceiling
     python tools/benchmark.py --model deit_base_distilled_patch16_224 --img-size 224 --paths fast,reference
-    python tools/benchmark.py --data ../shared/data/cifar10_jpeg.npz              # real CIFAR-10-LT pixels
-    python tools/benchmark.py --cpu --model deit_micro_distilled_patch2_8 --ref-model deit_micro_distilled_patch2_8 \
+    python tools/benchmark.py --data /data/cifar10_jpeg.npz              # real CIFAR-10-LT pixels
+    python tools/benchmark.py --cpu --model deit_micro_distilled_patch2_8 --ref-model deit_micro_distilled_patch2_8 \\
         --img-size 8 --ref-img-size 8 --batch 8 --steps 2 --warmup 1 --workers 0  # CPU smoke test
 
 It prints images/s per path, the ratios fast/reference and fast/ceiling, peak GPU memory, the warm-up (compile)

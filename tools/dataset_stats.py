@@ -1,13 +1,18 @@
 """Print the class counts, imbalance factor and head/mid/tail split of a long-tailed training set.
 
-    python tools/dataset_stats.py --dataset cifar10_lt --root ../shared/data/cifar10_jpeg.npz --imb-factor 100
     python tools/dataset_stats.py --dataset digits_lt --imb-factor 10 --json
-    python tools/dataset_stats.py --config configs/cifar10_lt/deit_lt_ldam_if100.yaml --save-indices kept.npy
+    python tools/dataset_stats.py --config configs/digits_lt/deit_lt.yaml --plot hist.png
+    python tools/dataset_stats.py --dataset cifar10_lt --root /data/cifar10_jpeg.npz --imb-factor 100
+    python tools/dataset_stats.py --config configs/cifar10_lt/deit_lt_ldam_if100.yaml --root /data/cifar10_jpeg.npz \\
+        --save-indices kept.npy
     python tools/dataset_stats.py --dataset imagenet_lt --root /data/imagenet data.list_dir=/data/lists --plot hist.png
 
-`--save-indices` writes the indices of the kept training images into the original training set (increasing order);
-`--json` prints the same facts as JSON (keys include `counts`, by class index, and `num_samples`). Any `data.*` key
-can be given as a dotted override.
+With `--config`, the data section of a training config is used; `--root`, `--dataset`, `--imb-factor` and dotted
+`data.*` overrides (e.g. data.val_per_class=20) replace its values. The shipped CIFAR configs say `root: data` (a
+`data/` folder in the working directory), so give `--root` (or `data.root=`) where your copy is; digits_lt needs
+no root. `--save-indices` writes the indices of the kept training images into the original training set
+(increasing order); `--json` prints the same facts as JSON (keys include `counts`, by class index, and
+`num_samples`).
 """
 from __future__ import annotations
 
@@ -20,20 +25,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from deit_lt.config import (ConfigError, DataConfig, TrainConfig, apply_overrides, from_dict,  # noqa: E402
+from deit_lt.cli import run_tool  # noqa: E402
+from deit_lt.config import (DataConfig, TrainConfig, apply_overrides, from_dict,  # noqa: E402
                             load_yaml_with_bases)
-from deit_lt.data import DatasetError, create_datasets  # noqa: E402
+from deit_lt.data import create_datasets  # noqa: E402
+from deit_lt.errors import ConfigError, DatasetError  # noqa: E402
 
 
 def build_data_config(args) -> DataConfig:
+    """The data section: the config file's, then --dataset / --root / --imb-factor, then `data.*` overrides.
+
+    Raises:
+        DatasetError: data.root is set but does not exist (the message names where the value came from and the
+            options that set it).
+    """
     raw = {}
     if args.config:
         raw = load_yaml_with_bases(args.config).get('data', {})
+    from_config = raw.get('root')
     flags = {'name': args.dataset, 'root': args.root, 'imb_factor': args.imb_factor}
     raw.update({k: v for k, v in flags.items() if v is not None})
     overrides = [o if o.startswith('data.') else f'data.{o}' for o in args.overrides]
     raw = apply_overrides({'data': raw}, overrides, schema=TrainConfig)['data']
-    return from_dict(DataConfig, raw, prefix='data.')
+    cfg = from_dict(DataConfig, raw, prefix='data.')
+    if cfg.root and not Path(cfg.root).expanduser().exists():
+        origin = f' (from {args.config})' if cfg.root == from_config and args.root is None else ''
+        raise DatasetError(f'data.root {cfg.root!r}{origin} does not exist (working directory {Path.cwd()}); give '
+                           f'--root PATH or data.root=PATH pointing at the {cfg.name} data')
+    return cfg
 
 
 def stats(cfg: DataConfig) -> tuple[dict, np.ndarray | None]:
@@ -100,16 +119,12 @@ def main(argv=None) -> int:
     p.add_argument('--plot', type=Path, help='write a class histogram PNG')
     p.add_argument('overrides', nargs='*', help='data.* overrides, e.g. data.val_per_class=20')
     args = p.parse_args(argv)
-    try:
-        cfg = build_data_config(args)
-        info, indices = stats(cfg)
-    except (ConfigError, DatasetError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    cfg = build_data_config(args)
+    info, indices = stats(cfg)
     if args.save_indices:
         if indices is None:
-            print(f'error: {cfg.name} is read from list files; its training set is the list itself', file=sys.stderr)
-            return 2
+            raise ConfigError(f'--save-indices: {cfg.name} is read from list files; its training set is the list '
+                              f'itself')
         np.save(args.save_indices, np.sort(indices))
     if args.plot:
         plot_histogram(info, args.plot)
@@ -125,4 +140,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -1,22 +1,29 @@
 """The whole DeiT-LT pipeline on the bundled, real long-tailed digits data, on a laptop CPU (no GPU, no download).
 
     python tools/quickstart.py                      # (bash quickstart.sh installs first, then runs this)
-    python tools/quickstart.py --output-dir runs/qs --scale 0.3     # shorter schedules (the test suite does this)
+    python tools/quickstart.py --output-dir runs/qs --scale 0.25    # shorter schedules (the test suite does this)
+    python tools/quickstart.py --analyze            # and the DeiT-LT analyses of the three models at the end
 
 Stages (two at a time on a 2-core machine, since each run uses one core well):
   1. teacher  ResNet-32 with LDAM + DRW + SAM             tools/train_teacher.py
      vit      ViT baseline (CLS token only, no teacher)    accelerate launch --cpu tools/train.py
   2. deit_lt  DeiT-LT student distilled from the teacher   accelerate launch --cpu tools/train.py
      vit+crt  cRT / tau-norm on the ViT's frozen features  tools/rebalance.py
-then a comparison table (overall / head / mid / tail test accuracy), a per-class accuracy plot and the locations of
-all outputs. Every number comes from the final epoch of a fixed schedule: nothing is selected on the test split
-(the rebalancing picks tau and the cRT epoch on a validation split of held-out training images).
+  3. analyze  (with --analyze) attention distance, feature rank, CLS/DIST expertise, calibration  tools/analyze.py
+then a comparison table (overall / head / mid / tail test accuracy), a per-class accuracy plot, the locations of all
+outputs and the commands of the next steps. Every number comes from the final epoch of a fixed schedule: nothing is
+selected on the test split (the rebalancing picks tau and the cRT epoch on a validation split of held-out training
+images). `--scale s` passes `optim.epochs_scale=s` to the three training runs (epochs, warm-up, DRW epoch, learning
+rate steps and evaluation cadence scale together). Each stage's output goes to `<output-dir>/<stage>.log` and,
+prefixed with the stage name, to the console; training and feature extraction report progress at least every 10 s.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -24,9 +31,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))   # run from a checkout without installing
 
 TRAIN = str(REPO / 'tools' / 'train.py')
+# `accelerate launch` with every value it would otherwise default (and warn about) given explicitly
+ACCELERATE_CPU = ['-m', 'accelerate.commands.launch', '--cpu', '--num_processes', '1', '--num_machines', '1',
+                  '--mixed_precision', 'no', '--dynamo_backend', 'no']
+ROWS = (('teacher', 'logits', 'Teacher ResNet-32 (LDAM+DRW+SAM)'), ('vit', 'logits', 'ViT (no teacher)'),
+        ('crt', 'logits', 'ViT + cRT'), ('tau_norm', 'logits', 'ViT + tau-norm'),
+        ('deit_lt', 'cls', 'DeiT-LT CLS'), ('deit_lt', 'dist', 'DeiT-LT DIST'), ('deit_lt', 'avg', 'DeiT-LT AVG'))
 
 
 def _stream(name: str, proc: subprocess.Popen, log: Path, lines: list[str]) -> None:
@@ -42,8 +55,8 @@ def _stream(name: str, proc: subprocess.Popen, log: Path, lines: list[str]) -> N
 
 def run_parallel(stages: list[tuple[str, list[str]]], out: Path, threads: int) -> None:
     """Run commands side by side, prefixing their output; stop with the first failure's log tail."""
-    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS=str(threads), WANDB_SILENT='true',
-               TQDM_DISABLE='1')
+    # Output is a pipe, so deit_lt's progress displays print a plain line at most every 10 s (no bars).
+    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS=str(threads), WANDB_SILENT='true')
     procs = []
     for name, cmd in stages:
         p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -63,84 +76,116 @@ def run_parallel(stages: list[tuple[str, list[str]]], out: Path, threads: int) -
         raise SystemExit(1)
 
 
-def _row(name: str, r: dict) -> dict:
-    return {'model': name, **{k: r[k] for k in ('top1', 'head', 'mid', 'tail')}}
+def _value(v) -> float | None:
+    """A metric, or None for a group without classes (NaN / null in the reports)."""
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text())
 
 
 def collect(out: Path) -> list[dict]:
-    """Table rows (test split, final epochs) from the stages' reports."""
-    teacher = json.loads((out / 'teacher' / 'report.json').read_text())
-    vit = json.loads((out / 'vit' / 'report.json').read_text())
-    deit = json.loads((out / 'deit_lt' / 'report.json').read_text())
-    reb = json.loads((out / 'vit_rebalance' / 'report.json').read_text())
-    rows = [_row('Teacher ResNet-32 (LDAM+DRW+SAM)', teacher['last']['test']['logits']),
-            _row('ViT (no teacher)', vit['last']['test']['logits'])]
-    for method, label in (('crt', 'ViT + cRT'), ('tau_norm', 'ViT + tau-norm')):
-        if method in reb['methods']:
-            rows.append(_row(label, reb['methods'][method]['test']['logits']))
-    for p in ('cls', 'dist', 'avg'):
-        rows.append(_row(f'DeiT-LT {p.upper()}', deit['last']['test'][p]))
+    """Table rows (test split, final epochs) from the stages' reports; a row of an unfinished run says so."""
+    runs = {stage: _read(out / stage / 'report.json') for stage in ('teacher', 'vit', 'deit_lt')}
+    reb = _read(out / 'vit_rebalance' / 'report.json')
+    rows = []
+    for source, predictor, label in ROWS:
+        if source in runs:
+            report = runs[source]
+            metrics = report['last']['test'][predictor]
+            finished = bool(report.get('finished'))
+        elif source in reb['methods']:
+            metrics = reb['methods'][source]['test'][predictor]
+            finished = bool(runs['vit'].get('finished'))   # re-balancing runs to its end; its ViT may not have
+        else:
+            continue
+        rows.append({'model': label, **{k: _value(metrics.get(k)) for k in ('top1', 'head', 'mid', 'tail')},
+                     'finished': finished})
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
+    def cell(v: float | None, width: int) -> str:
+        return f'{"-":>{width}}' if v is None else f'{v:>{width}.1f}'
     lines = [f'{"model (test accuracy, %)":<36}{"overall":>9}{"head":>8}{"mid":>8}{"tail":>8}']
     for r in rows:
-        lines.append(f'{r["model"]:<36}{r["top1"]:>9.1f}{r["head"]:>8.1f}{r["mid"]:>8.1f}{r["tail"]:>8.1f}')
+        mark = '' if r['finished'] else '  (unfinished run)'
+        lines.append(f'{r["model"]:<36}{cell(r["top1"], 9)}{cell(r["head"], 8)}{cell(r["mid"], 8)}'
+                     f'{cell(r["tail"], 8)}{mark}')
     return '\n'.join(lines)
 
 
 def plot(out: Path) -> Path:
+    """Per-class test accuracy of the ViT, the teacher, DeiT-LT's DIST and AVG heads and ViT + cRT."""
     from deit_lt.tracking import plot_per_class_accuracy
-    vit = json.loads((out / 'vit' / 'report.json').read_text())['last']['test']
-    deit = json.loads((out / 'deit_lt' / 'report.json').read_text())
-    teacher = json.loads((out / 'teacher' / 'report.json').read_text())['last']['test']['logits']
-    d = deit['last']['test']
-    counts = json.loads((out / 'teacher' / 'class_counts.json').read_text())
-    counts = counts.get('train_counts', counts) if isinstance(counts, dict) else counts
-    return plot_per_class_accuracy(
-        {'ViT': vit['logits']['per_class'], 'teacher': teacher['per_class'], 'DeiT-LT DIST': d['dist']['per_class'],
-         'DeiT-LT AVG': d['avg']['per_class']}, counts, out / 'per_class_accuracy.png',
-        title='digits_lt (IF 10): per-class test accuracy', groups=deit.get('splits', {}).get('groups'))
+    teacher, vit, deit = (_read(out / s / 'report.json') for s in ('teacher', 'vit', 'deit_lt'))
+    reb = _read(out / 'vit_rebalance' / 'report.json')
+    series = {'ViT': vit['last']['test']['logits']['per_class'],
+              'teacher': teacher['last']['test']['logits']['per_class']}
+    if 'crt' in reb['methods']:
+        series['ViT + cRT'] = reb['methods']['crt']['test']['logits']['per_class']
+    series |= {'DeiT-LT DIST': deit['last']['test']['dist']['per_class'],
+               'DeiT-LT AVG': deit['last']['test']['avg']['per_class']}
+    counts = _read(out / 'deit_lt' / 'class_counts.json')
+    data = deit.get('dataset') or {}
+    return plot_per_class_accuracy(series, counts['train_counts'], out / 'per_class_accuracy.png',
+                                   title=f'{data.get("name", "digits_lt")} (IF {data.get("imb_factor", 10):g}): '
+                                         f'per-class test accuracy, final epochs',
+                                   groups=counts.get('groups'), class_names=counts.get('class_names'))
+
+
+def _shown(cmd: list[str]) -> str:
+    """A command as a user would type it from the repository root."""
+    parts = ['python' if c == sys.executable else c for c in cmd]
+    parts = [os.path.relpath(c, REPO) if c.startswith(str(REPO) + os.sep) else c for c in parts]
+    return ' '.join(shlex.quote(c) for c in parts)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--output-dir', type=Path, default=REPO / 'runs' / 'quickstart')
-    p.add_argument('--scale', type=float, default=1.0, help='multiply every schedule (epochs) by this factor')
+    p.add_argument('--scale', type=float, default=1.0,
+                   help='multiply every training schedule by this factor (optim.epochs_scale)')
     p.add_argument('--wandb', default='offline', choices=('offline', 'disabled', 'online'))
     p.add_argument('--sequential', action='store_true', help='one stage at a time (all cores each)')
+    p.add_argument('--analyze', action='store_true',
+                   help='also run tools/analyze.py on DeiT-LT, the ViT and the teacher (about 30 s more)')
     args = p.parse_args(argv)
+    if args.scale <= 0:
+        p.error(f'--scale must be > 0, got {args.scale}')
     out = args.output_dir.resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
-    def epochs(n: int) -> int:
-        return max(2, round(n * args.scale))
-    e_t, e_s = epochs(40), epochs(60)
-    common = [f'wandb.mode={args.wandb}', 'runtime.progress=false']
-    accel = [sys.executable, '-m', 'accelerate.commands.launch', '--cpu', '--num_processes', '1',
-             '--mixed_precision', 'no', '--dynamo_backend', 'no']
-    # the teacher recipe at the same fractions of a (shorter) schedule: DRW and lr steps at 80% / 90%
-    t_drw = min(e_t - 1, round(e_t * 0.8))
+    # progress on: stage output is a pipe, so it comes as a plain line at most every 10 s
+    # the demo regenerates its outputs on every run: its output folders are taken over, not resumed
+    common = [f'wandb.mode={args.wandb}', 'runtime.progress=true', 'runtime.overwrite=true'] + \
+        ([f'optim.epochs_scale={args.scale:g}'] if args.scale != 1.0 else [])
     teacher = [sys.executable, str(REPO / 'tools' / 'train_teacher.py'), '--config',
-               str(REPO / 'configs' / 'teachers' / 'digits_lt.yaml'), f'runtime.output_dir={out / "teacher"}',
-               f'optim.epochs={e_t}', f'optim.warmup_epochs={min(2, e_t - 1)}', f'loss.drw_epoch={t_drw}',
-               f'optim.milestones=[{t_drw},{min(e_t - 1, round(e_t * 0.9))}]', *common]
-    s_warm = f'optim.warmup_epochs={min(2, e_s - 1)}'
-    vit = accel + [TRAIN, '--config', str(REPO / 'configs' / 'digits_lt' / 'vit.yaml'),
-                   f'runtime.output_dir={out / "vit"}', f'optim.epochs={e_s}', s_warm, *common]
-    deit = accel + [TRAIN, '--config', str(REPO / 'configs' / 'digits_lt' / 'deit_lt.yaml'),
-                    f'teacher.checkpoint={out / "teacher" / "last.safetensors"}', f'runtime.output_dir={out / "deit_lt"}',
-                    f'optim.epochs={e_s}', f'distill.drw_epoch={e_s // 2}', s_warm, *common]
-    rebalance = [sys.executable, str(REPO / 'tools' / 'rebalance.py'), '--checkpoint', str(out / 'vit' / 'last.safetensors'),
-                 '--method', 'crt,tau_norm', '--config', str(REPO / 'configs' / 'rebalance' / 'digits_lt.yaml'),
-                 f'runtime.output_dir={out / "vit_rebalance"}', f'wandb.mode={args.wandb}']
+               str(REPO / 'configs' / 'teachers' / 'digits_lt.yaml'), f'runtime.output_dir={out / "teacher"}', *common]
+    vit = [sys.executable, *ACCELERATE_CPU, TRAIN, '--config', str(REPO / 'configs' / 'digits_lt' / 'vit.yaml'),
+           f'runtime.output_dir={out / "vit"}', *common]
+    deit = [sys.executable, *ACCELERATE_CPU, TRAIN, '--config', str(REPO / 'configs' / 'digits_lt' / 'deit_lt.yaml'),
+            f'teacher.checkpoint={out / "teacher" / "last.safetensors"}', f'runtime.output_dir={out / "deit_lt"}',
+            *common]
+    rebalance = [sys.executable, str(REPO / 'tools' / 'rebalance.py'), '--checkpoint',
+                 str(out / 'vit' / 'last.safetensors'), '--method', 'crt,tau_norm', '--config',
+                 str(REPO / 'configs' / 'rebalance' / 'digits_lt.yaml'), f'runtime.output_dir={out / "vit_rebalance"}',
+                 f'wandb.mode={args.wandb}', 'runtime.progress=true']
+    # analyze.py's progress bars are tqdm's own (carriage-return frames in a pipe); its log names each model instead
+    analyze = [sys.executable, str(REPO / 'tools' / 'analyze.py'), '--checkpoint', str(out / 'deit_lt'),
+               '--compare', str(out / 'vit'), str(out / 'teacher'), '--labels', 'DeiT-LT,ViT,teacher',
+               '--out', str(out / 'analysis'), f'wandb.mode={args.wandb}', 'progress=false']
     phases = [[('teacher', teacher), ('vit', vit)], [('deit_lt', deit), ('vit+crt', rebalance)]]
+    if args.analyze:
+        phases.append([('analyze', analyze)])
     cores = os.cpu_count() or 1
-    print(f'[quickstart] digits_lt (scikit-learn digits, long-tailed IF 10), {cores} cores, outputs in {out}')
+    print(f'[quickstart] digits_lt (scikit-learn digits, long-tailed IF 10), {cores} cores, schedules x{args.scale:g}, '
+          f'outputs in {out}', flush=True)
     for i, phase in enumerate(phases, 1):
-        print(f'[quickstart] phase {i}/2: {" + ".join(n for n, _ in phase)}', flush=True)
+        print(f'[quickstart] phase {i}/{len(phases)}: {" + ".join(n for n, _ in phase)}', flush=True)
         if args.sequential:
             for stage in phase:
                 run_parallel([stage], out, cores)
@@ -148,25 +193,35 @@ def main(argv=None) -> int:
             run_parallel(phase, out, max(1, cores // len(phase)))
 
     rows = collect(out)
-    table = format_rows(rows)
     png = plot(out)
     (out / 'summary.json').write_text(json.dumps({'rows': rows, 'wall_time_s': round(time.time() - t0, 1),
-                                                  'scale': args.scale}, indent=1))
-    print('\n' + table)
+                                                  'scale': args.scale, 'analysis': args.analyze}, indent=1))
+    print('\n' + format_rows(rows))
     vit_tail = next(r['tail'] for r in rows if r['model'] == 'ViT (no teacher)')
     dist_tail = next(r['tail'] for r in rows if r['model'] == 'DeiT-LT DIST')
-    verdict = ('above' if dist_tail > vit_tail + 1 else 'not above' if dist_tail < vit_tail - 1 else 'level with')
-    print(f'\nfew-shot (tail) classes: DeiT-LT DIST {dist_tail:.1f}% is {verdict} the ViT\'s {vit_tail:.1f}% '
-          f'(test split, final epochs)')
+    if vit_tail is not None and dist_tail is not None:
+        verdict = 'above' if dist_tail > vit_tail + 1 else 'below' if dist_tail < vit_tail - 1 else 'level with'
+        print(f'\nfew-shot (tail) classes: DeiT-LT DIST {dist_tail:.1f}% is {verdict} the ViT\'s {vit_tail:.1f}% '
+              f'(test split, final epochs)')
     print(f'\n[quickstart] done in {time.time() - t0:.0f} s. Outputs:')
-    for label, path in (('summary', out / 'summary.json'), ('per-class plot', png),
-                        ('teacher', out / 'teacher'), ('ViT', out / 'vit'), ('DeiT-LT', out / 'deit_lt'),
-                        ('rebalancing', out / 'vit_rebalance'), ('stage logs', out / '*.log')):
+    outputs = [('summary', out / 'summary.json'), ('per-class plot', png), ('teacher', out / 'teacher'),
+               ('ViT', out / 'vit'), ('DeiT-LT', out / 'deit_lt'), ('rebalancing', out / 'vit_rebalance')]
+    if args.analyze:
+        outputs.append(('analysis', out / 'analysis'))
+    for label, path in outputs + [('stage logs', out / '*.log')]:
         print(f'  {label:<15} {path}')
     wandb_runs = sorted(out.glob('*/wandb/offline-run-*'))
+    for i, w in enumerate(wandb_runs):
+        print(f'  {"W&B offline" if i == 0 else "":<15} {w}')
     if wandb_runs:
-        print(f'  {"W&B offline":<15} ' + '\n  '.join(f'{"":<15} {w}' if i else str(w) for i, w in enumerate(wandb_runs)))
-        print(f'  (upload with: wandb sync {wandb_runs[0].parent}/offline-run-*)')
+        print(f'  {"":<15} (upload with: wandb sync {out}/*/wandb/offline-run-*)')
+    print('\nNext steps:')
+    if not args.analyze:
+        print(f'  the DeiT-LT analyses (attention distance, feature rank, CLS/DIST expertise, calibration):\n'
+              f'    {_shown(analyze)}')
+    collect_cmd = [sys.executable, str(REPO / 'tools' / 'collect_results.py'), str(out / 'teacher'), str(out / 'vit'),
+                   str(out / 'deit_lt'), str(out / 'vit_rebalance'), '--out', str(out / 'results'), '--table']
+    print(f'  results records and their table:\n    {_shown(collect_cmd)}')
     return 0
 
 

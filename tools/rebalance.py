@@ -1,7 +1,7 @@
 """Classifier re-balancing (Decoupling: cRT, tau-norm, LWS, NCM) of a trained deit-lt model.
 
     python tools/rebalance.py --checkpoint runs/deit_lt/best.safetensors --method all
-    python tools/rebalance.py --checkpoint teacher.safetensors --method crt,ncm \
+    python tools/rebalance.py --checkpoint teacher.safetensors --method crt,ncm \\
         --config configs/rebalance/cifar10_lt.yaml crt.heads=[cls] runtime.output_dir=runs/rebalance/c10
 
 Dotted overrides (`section.key=value`) apply on top of the config file, whose `data` / `aug` sections in turn apply

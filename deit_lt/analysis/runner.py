@@ -49,6 +49,7 @@ from .geometry import classifier_norms
 from .rank import FeatureRecorder
 
 from ..models.factory import model_predictors
+from ..progress import Progress
 from ..models.teacher import TeacherAdapter
 
 __all__ = ['probe_indices', 'subset_dataset', 'predictor_logits', 'analyse_checkpoint',
@@ -142,9 +143,8 @@ def _load_teacher(cfg: AnalysisConfig, meta: Mapping[str, Any], model: nn.Module
                      'sam': (t_meta.get('loss') or {}).get('sam')}
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+def _progress(total: int, desc: str, enabled: bool) -> Progress:
+    return Progress(total, desc, unit='batch', enabled=enabled)
 
 
 @torch.no_grad()

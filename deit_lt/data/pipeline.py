@@ -8,6 +8,9 @@ recipe) in DataLoader workers with pinned memory and non-blocking copies.
 Both are deterministic functions of (seed, epoch, step, rank): the device path seeds a generator per step, the
 loader path seeds each sample from its position in the epoch (so results do not depend on the number of workers).
 Any step of any epoch can therefore be regenerated, which is what exact resume needs (`iter_epoch(start_step=)`).
+
+Images that cannot be decoded (`data.bad_images=skip`) are replaced inside the workers by a fixed same-class image
+(`LTDataset.read`); each item reports the replacement back, and the main process records it (`SkippedImages`).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import torch
 import torch.utils.data
 
 from ..config import AugConfig
+from ..errors import ConfigError, DatasetError
 from ..seeding import step_seed
 from .lt_datasets import LTDataset
 from .samplers import LTSampler
@@ -59,8 +63,8 @@ def resolve_placement(dataset: LTDataset, cfg: AugConfig, max_mb: int = 4096) ->
     fits = dataset.in_memory and dataset.images.nbytes <= max_mb * 2 ** 20
     if cfg.placement == 'device':
         if not dataset.in_memory:
-            raise ValueError(f'aug.placement=device needs an in-memory dataset; {dataset.name} is read from files '
-                             f'(use aug.placement=loader, or data.preload for small folders)')
+            raise ConfigError(f'aug.placement=device needs an in-memory dataset; {dataset.name} is read from files '
+                              f'(use aug.placement=loader, or data.preload for small folders)')
         return 'device'
     return 'device' if fits else 'loader'
 
@@ -79,9 +83,10 @@ class TrainBatches(abc.ABC):
         self.seed = seed
         self.rank = rank
         self.drop_last = drop_last
+        self.dataset: LTDataset | None = None    # set by loader-fed subclasses: where skipped images are recorded
         if len(sampler) < batch_size:
-            raise ValueError(f'the batch ({batch_size} per device) is larger than the samples one device sees per '
-                             f'epoch ({len(sampler)}); lower optim.batch_size')
+            raise ConfigError(f'the batch ({batch_size} per device) is larger than the samples one device sees per '
+                              f'epoch ({len(sampler)}); lower optim.batch_size')
 
     def __len__(self) -> int:
         n = len(self.sampler)
@@ -98,6 +103,12 @@ class TrainBatches(abc.ABC):
     @abc.abstractmethod
     def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Yield the micro-batches of `epoch` from `start_step` on."""
+
+    def attach_run_dir(self, run_dir) -> None:
+        """Name the run folder that receives `skipped_images.json` (data.bad_images=skip; one file per rank, the
+        validation and test splits included). Call once per process before the first epoch."""
+        if self.dataset is not None:
+            self.dataset.skipped.attach(run_dir, self.rank)
 
 
 class DeviceTrainBatches(TrainBatches):
@@ -162,15 +173,53 @@ class _SeededSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         i, seed = item
-        _seed_all(seed)
-        img, y = self.dataset[i]
+        _seed_all(seed)   # decoding draws no random numbers, so a replaced image keeps the sample's random stream
+        img, used = self.dataset.read(i)
+        y = int(self.dataset.targets[i])
         x = self.transform(img)
         clean = self.clean_transform(img) if self.clean_transform is not None else torch.empty(0)
         views = []
         for v, transform in enumerate(self.view_transforms, start=1):
             _seed_all(step_seed(seed, v))
             views.append(transform(img))
-        return (x, y, clean, *views)
+        return (x, y, clean, _skip_note(self.dataset, i, used), *views)
+
+
+def _skip_note(dataset: LTDataset, i: int, used: int) -> dict:
+    """What an item tells the main process about a replaced image (index -1: none); collated into a batch."""
+    if used == i:
+        return {'index': -1, 'used': -1, 'reason': ''}
+    return {'index': i, 'used': used, 'reason': dataset.known_bad.get(dataset.paths[i], '')}
+
+
+def _record_skips(dataset: LTDataset, note: dict) -> None:
+    """Record the replaced images of a collated batch (main process; the tensors are on the CPU, no device sync)."""
+    for k in torch.nonzero(note['index'] >= 0).flatten().tolist():
+        dataset.note_skip(int(note['index'][k]), int(note['used'][k]), note['reason'][k])
+
+
+def _worker_message(e: DatasetError) -> str:
+    """The one-line message of a DatasetError raised in a DataLoader worker: torch re-raises it in the main process
+    with the worker's whole traceback as the text; its last line holds the original message."""
+    text = str(e)
+    if 'Traceback' not in text:
+        return text
+    marker = f'{DatasetError.__name__}: '
+    found = [line.split(marker, 1)[1] for line in text.splitlines() if marker in line]
+    return found[-1] if found else text.strip().splitlines()[-1]
+
+
+def _loader_items(loader: torch.utils.data.DataLoader) -> Iterator:
+    """Iterate `loader`, turning a data error from a worker back into a one-line DatasetError."""
+    it = iter(loader)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except DatasetError as e:
+            raise DatasetError(_worker_message(e)) from None
+        yield item
 
 
 class _EpochBatchSampler:
@@ -200,6 +249,7 @@ class LoaderTrainBatches(TrainBatches):
                  drop_last: bool = True, extra_views: Sequence[AugConfig] = ()):
         super().__init__(sampler, batch_size, seed, rank, drop_last)
         self.device = torch.device(device)
+        self.dataset = dataset
         mean, std = resolve_norm(cfg.mean, cfg.std, dataset.in_chans)
         clean = build_eval_transform(img_size, 1.0, cfg.interpolation, mean, std, dataset.in_chans) \
             if return_clean else None
@@ -214,9 +264,10 @@ class LoaderTrainBatches(TrainBatches):
 
     def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         self.batch_sampler.epoch, self.batch_sampler.start_step = epoch, start_step
-        for item in self.loader:
+        for item in _loader_items(self.loader):
+            _record_skips(self.dataset, item[3])
             x, y, clean = (t.to(self.device, non_blocking=True) for t in item[:3])
-            views = tuple(t.to(self.device, non_blocking=True) for t in item[3:])
+            views = tuple(t.to(self.device, non_blocking=True) for t in item[4:])
             yield Batch(x, y, clean if clean.numel() else None, views)
 
 
@@ -232,8 +283,8 @@ def create_train_batches(dataset: LTDataset, cfg: AugConfig, *, img_size: int, b
     not implement (AutoAugment, rotation) falls back to the loader with a warning.
     """
     if len(sampler) < batch_size:
-        raise ValueError(f'the batch ({batch_size} per device) is larger than the samples one device sees per '
-                         f'epoch ({len(sampler)}); lower optim.batch_size')
+        raise ConfigError(f'the batch ({batch_size} per device) is larger than the samples one device sees per '
+                          f'epoch ({len(sampler)}); lower optim.batch_size')
     common = dict(img_size=img_size, batch_size=batch_size, device=torch.device(device), sampler=sampler, seed=seed,
                   rank=rank, return_clean=return_clean, drop_last=drop_last, extra_views=tuple(extra_views))
     chosen = placement or resolve_placement(dataset, cfg, max_device_mb)
@@ -292,20 +343,23 @@ class EvalBatches:
                 images = self.images[idx].to(self.device, non_blocking=True)
                 yield self.transform(images), self.targets[idx].to(self.device, non_blocking=True)
         else:
-            for x, y in self.loader:
+            for x, y, note in _loader_items(self.loader):
+                _record_skips(self.dataset, note)
                 yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 class _Transformed(torch.utils.data.Dataset):
-    def __init__(self, dataset, transform):
+    """(eval-transformed image, label, skip note) of each sample."""
+
+    def __init__(self, dataset: LTDataset, transform):
         self.dataset, self.transform = dataset, transform
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        img, y = self.dataset[i]
-        return self.transform(img), y
+        img, used = self.dataset.read(i)
+        return self.transform(img), int(self.dataset.targets[i]), _skip_note(self.dataset, i, used)
 
 
 def create_eval_batches(dataset: LTDataset, cfg: AugConfig, *, img_size: int, batch_size: int,

@@ -28,8 +28,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from ..models.factory import is_distilled, unwrap_model
 from ..errors import ConfigError
+from ..models.factory import is_distilled, unwrap_model
+from ..progress import Progress
 
 __all__ = ['HeadSpec', 'FeatureSet', 'model_heads', 'extract_features', 'cache_key',
            'load_or_extract']
@@ -152,8 +153,8 @@ def _forward_features(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tens
 
 @torch.no_grad()
 def extract_features(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
-                     autocast: Callable[[], ContextManager] | None = None, num_samples: int | None = None
-                     ) -> FeatureSet:
+                     autocast: Callable[[], ContextManager] | None = None, num_samples: int | None = None,
+                     desc: str = 'features', show_progress: bool = False) -> FeatureSet:
     """Run the frozen backbone over `batches` in eval mode and keep the head inputs on the CPU.
 
     Args:
@@ -161,6 +162,9 @@ def extract_features(model: nn.Module, batches: Iterable[tuple[torch.Tensor, tor
         batches: (x (B, C, H, W) normalised, y (B,)) in dataset order.
         autocast: optional context factory for mixed precision; features are stored as float32 either way.
         num_samples: keep only the first N samples (sharded eval batches pad their last shard).
+        desc: what the progress display calls this pass, e.g. 'features train'.
+        show_progress: a progress bar on a terminal, a plain line at most every 10 s otherwise
+            (`deit_lt.progress.Progress`); needs `len(batches)`.
 
     Returns:
         FeatureSet with (N, d) float32 features and (N,) int64 targets.
@@ -171,13 +175,16 @@ def extract_features(model: nn.Module, batches: Iterable[tuple[torch.Tensor, tor
     ctx = autocast or contextlib.nullcontext
     parts: dict[str, list[torch.Tensor]] = {}
     targets = []
+    total = len(batches) if show_progress and hasattr(batches, '__len__') else 0
     try:
-        for x, y in batches:
-            with ctx():
-                out = _forward_features(model, x)
-            for k, v in out.items():
-                parts.setdefault(k, []).append(v.float().cpu())
-            targets.append(y.cpu())
+        with Progress(total, desc, unit='batch', enabled=total > 0) as progress:
+            for x, y in batches:
+                with ctx():
+                    out = _forward_features(model, x)
+                for k, v in out.items():
+                    parts.setdefault(k, []).append(v.float().cpu())   # the copy syncs the device once per batch
+                targets.append(y.cpu())
+                progress.update()
     finally:
         model.train(was_training)
     if not targets:
@@ -218,7 +225,8 @@ def _read_cache(path: Path, key: Mapping[str, Any], targets: torch.Tensor) -> Fe
 
 def load_or_extract(model: nn.Module, make_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
                     targets: torch.Tensor, *, key: Mapping[str, Any], cache_dir: str | os.PathLike | None,
-                    autocast: Callable[[], ContextManager] | None = None) -> tuple[FeatureSet, Path | None, bool]:
+                    autocast: Callable[[], ContextManager] | None = None, show_progress: bool = False
+                    ) -> tuple[FeatureSet, Path | None, bool]:
     """The split's features from `cache_dir` when a file with the same key exists, else extracted (and stored).
 
     Args:
@@ -228,6 +236,7 @@ def load_or_extract(model: nn.Module, make_batches: Callable[[], Iterable[tuple[
         key: `cache_key(...)`; its digest names the file `<split>-<digest>.safetensors`.
         cache_dir: folder of the cache, or None to always extract.
         autocast: mixed-precision context factory for the extraction.
+        show_progress: show the extraction's progress (`extract_features`).
 
     Returns:
         (features, cache file or None, whether it came from the cache).
@@ -241,7 +250,9 @@ def load_or_extract(model: nn.Module, make_batches: Callable[[], Iterable[tuple[
             if feats is not None:
                 _logger.info('features of %s: loaded from %s', key['split'], path)
                 return feats, path, True
-    feats = extract_features(model, make_batches(), autocast=autocast, num_samples=len(targets))
+    _logger.info('features of %s: extracting (%d images)', key['split'], len(targets))
+    feats = extract_features(model, make_batches(), autocast=autocast, num_samples=len(targets),
+                             desc=f'features {key["split"]}', show_progress=show_progress)
     if not torch.equal(feats.targets, targets):
         raise ConfigError(f'the {key["split"]} batches are not in dataset order (labels differ); '
                              f'features would be misaligned')

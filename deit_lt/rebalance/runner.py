@@ -1,7 +1,8 @@
 """Run Decoupling's classifier re-balancing on a deit-lt checkpoint: the library behind tools/rebalance.py.
 
 Order of work (every check that can fail runs before the first forward pass):
-1. methods and config values (unknown method, empty tau grid, bad epochs / batch sizes);
+1. methods and config values (unknown method, empty tau grid, bad epochs / batch sizes, W&B online without
+   credentials);
 2. the model and its heads (tau-norm and LWS need nn.Linear heads; cRT and NCM only need features);
 3. the data, rebuilt from the checkpoint's own data config plus overrides (class count must match the model;
    tau-norm needs a val split);
@@ -11,12 +12,17 @@ Order of work (every check that can fail runs before the first forward pass):
 6. outputs: `report.json`, `weight_norms.png`, `tau_sweep.{json,png}`, one model file per linear method
    (`<method>.safetensors`, kind 'rebalanced', rebuildable by `create_model_from_checkpoint`), `ncm_<feature>
    .safetensors`, the resolved `config.yaml`; W&B when enabled.
+
+The report also says where the checkpoint comes from (`source`: its run's name and whether that run finished,
+read from the run's report.json beside the model file, else from the file's metadata), the wall time, git commit,
+machine and library versions, so `tools/collect_results.py` can file it like a training run.
 """
 from __future__ import annotations
 
 import copy
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +36,8 @@ from ..data.pipeline import create_eval_batches
 from ..data.samplers import SAMPLER_NAMES
 from ..models.factory import (create_model_from_checkpoint, create_model_from_meta, load_state_dict_checked,
                               unwrap_model)
+from ..runtime import run_provenance
+from ..tracking import check_wandb
 from . import crt, lws, ncm, tau_norm
 from .base import LinearResult, RebalanceResult, joint_logits, linear_head, select_heads
 from ..errors import ConfigError
@@ -38,7 +46,7 @@ from .features import FeatureSet, HeadSpec, cache_key, load_or_extract, model_he
 from .report import evaluate_predictors, log_to_wandb, plot_tau_sweep, plot_weight_norms
 from .training import steps_per_epoch
 
-__all__ = ['METHODS', 'run_rebalance', 'save_rebalanced_model', 'output_dir_of']
+__all__ = ['METHODS', 'run_rebalance', 'save_rebalanced_model', 'output_dir_of', 'source_run']
 
 _logger = logging.getLogger(__name__)
 
@@ -189,6 +197,28 @@ def save_rebalanced_model(path: str | Path, model: torch.nn.Module, meta: dict, 
     return save_model_file(path, state, new_meta)
 
 
+def source_run(checkpoint: str | Path, meta: dict) -> dict[str, Any]:
+    """The run a model file comes from: its name, which file (best / last, epoch) and whether the run finished.
+
+    The run's own report.json beside the file decides (a best.safetensors of a run stopped early is from an
+    unfinished run too); without one (a copied or released file) the file's metadata says what it can: `finished`
+    is recorded in last.safetensors only, else None (unknown).
+    """
+    config = meta.get('config') if isinstance(meta.get('config'), dict) else {}
+    out: dict[str, Any] = {'name': config.get('name'), 'file': meta.get('checkpoint'), 'epoch': meta.get('epoch'),
+                           'finished': meta.get('finished'), 'progress': None, 'stopped_by': None, 'report': None}
+    path = Path(checkpoint).parent / 'report.json'
+    try:
+        run = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        run = None
+    # only a report of the same run: an output folder may hold a report of another run next to a copied file
+    if isinstance(run, dict) and 'finished' in run and out['name'] in (None, run.get('name')):
+        out.update(name=run.get('name') or out['name'], finished=run['finished'], progress=run.get('progress'),
+                   stopped_by=run.get('stopped_by'), report=str(path))
+    return out
+
+
 def _summary(metrics: dict[str, dict]) -> dict[str, dict[str, float]]:
     return {p: {k: r[k] for k in ('top1', 'top5', 'head', 'mid', 'tail')} for p, r in metrics.items()}
 
@@ -211,7 +241,8 @@ def _features(cfg: RebalanceConfig, model: torch.nn.Module, meta: dict, datasets
 
         feats[split], path, cached = load_or_extract(
             model, make_batches, torch.from_numpy(ds.targets), key=key,
-            cache_dir=out_dir / 'features' if cfg.features.cache else None, autocast=autocast)
+            cache_dir=out_dir / 'features' if cfg.features.cache else None, autocast=autocast,
+            show_progress=cfg.runtime.progress)
         files[split] = {'path': str(path) if path else None, 'from_cache': cached}
     return feats, files, data_key
 
@@ -269,8 +300,10 @@ def run_rebalance(cfg: RebalanceConfig) -> dict[str, Any]:
         The report (also written to `<output_dir>/report.json`): checkpoint, data and class splits, the joint
         model's and every method's val/test metrics per predictor, what each method chose, output files.
     """
+    t0 = time.time()
     methods = resolve_methods(cfg.methods)
     _check_config(cfg, methods)
+    check_wandb(cfg.wandb)   # W&B logs at the end: online without credentials fails now, not after the work
     device = torch.device('cuda' if torch.cuda.is_available() and not cfg.runtime.cpu else 'cpu')
     model, meta = create_model_from_checkpoint(cfg.checkpoint, device)
     heads = model_heads(model)
@@ -287,6 +320,7 @@ def run_rebalance(cfg: RebalanceConfig) -> dict[str, Any]:
     counts = train_ds.class_counts.tolist()
     report: dict[str, Any] = {
         'checkpoint': str(cfg.checkpoint), 'arch': meta.get('arch'), 'kind': meta.get('kind'),
+        'source': source_run(cfg.checkpoint, meta),
         'dataset': {'name': cfg.data.name, 'imb_factor': cfg.data.imb_factor,
                     'sizes': {s: len(d) for s, d in datasets.items()}},
         'splits': train_ds.splits.as_dict(), 'train_counts': counts, 'heads': [h.name for h in heads],
@@ -315,6 +349,8 @@ def run_rebalance(cfg: RebalanceConfig) -> dict[str, Any]:
                               for label, per in norms.items()}
     report['images'] = {k: str(v) for k, v in images.items()}
     report['output_dir'] = str(out_dir)
+    report['wall_time_s'] = round(time.time() - t0, 1)
+    report.update(run_provenance())
     report['wandb'] = None
     atomic_write_text(out_dir / 'report.json', json.dumps(report, indent=1))   # before W&B, which may fail
     report['wandb'] = log_to_wandb(cfg.wandb, out_dir, to_dict(cfg), report, images)
