@@ -19,7 +19,9 @@ from conftest import CIFAR10_PACK, CIFAR100_LABELS, REPO, needs_cifar10, needs_c
 from deit_lt.config import AugConfig, ConfigError, DataConfig
 from deit_lt.data import (DatasetError, canonical_lt_indices, class_splits_from_counts, create_datasets,
                           lt_class_counts, parse_list_file)
-from deit_lt.data.lt_datasets import DIGITS_VAL_RESERVE, MAX_LISTED, SKIPPED_IMAGES_FILE, find_missing, read_list_file
+from deit_lt.data.digits import DIGITS_VAL_RESERVE
+from deit_lt.data.images import MAX_LISTED, SKIPPED_IMAGES_FILE, find_missing
+from deit_lt.data.lists import read_list_file
 from deit_lt.data.pipeline import create_eval_batches, create_train_batches
 from deit_lt.data.samplers import create_sampler
 

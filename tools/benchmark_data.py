@@ -11,7 +11,7 @@ Each build runs in a fresh process (`create_datasets` with data.verify=exists, t
 cost of the check alone); the figures are wall seconds and the peak resident memory of that process
 (`resource.getrusage`), plus its resident memory after the imports, so the dataset's own share is visible.
 The files were just written, so their metadata is in the page cache: on a network file system the first check
-of a day can take longer (the stats run in threads to overlap the round trips: `lt_datasets.find_missing`).
+of a day can take longer (the stats run in threads to overlap the round trips: `deit_lt.data.images.find_missing`).
 Not a timed test: the numbers depend on the machine and its load.
 """
 from __future__ import annotations
