@@ -109,8 +109,8 @@ class TeacherTrainConfig:
     aug: TeacherAugConfig = dataclasses.field(default_factory=TeacherAugConfig)
     # the second augmented view of each image, for methods that read two (MDCS's strong view); null otherwise
     aug2: TeacherAugConfig | None = None
-    # post-hoc logit adjustment, evaluated beside the plain logits as the predictor 'logits_<name>':
-    # 'iif' adds ln((N - n_c) / n_c) (APA's published numbers), 'prior' subtracts ln(n_c / N) (Menon et al., 2021)
+    # post-hoc logit adjustment, evaluated beside the plain logits as the predictor 'logits_<name>': 'prior' adds
+    # ln(N / n_c) (Menon et al., 2021; the evaluation of APA's published numbers), 'iif' adds ln((N - n_c) / n_c)
     posthoc_adjust: list[Literal['iif', 'prior']] = dataclasses.field(default_factory=list)
     runtime: RuntimeConfig = dataclasses.field(default_factory=lambda: RuntimeConfig(output_dir='runs/teacher'))
     wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)

@@ -38,9 +38,10 @@ __all__ = ['teacher_parts', 'train_teacher', 'posthoc_offsets']
 
 
 def posthoc_offsets(names: list[str], train_counts) -> dict[str, torch.Tensor]:
-    """Per-class offsets added to the logits at evaluation: 'iif' = ln((N - n_c) / n_c) (the 'rel' inverse image
-    frequency of APA's evaluation, kostas1515/AGLU `custom.py`), 'prior' = -ln(n_c / N) (logit adjustment with
-    tau = 1, Menon et al., "Long-tail learning via logit adjustment", ICLR 2021)."""
+    """Per-class offsets added to the logits at evaluation: 'prior' = -ln(n_c / N) = ln(N / n_c) (logit adjustment
+    with tau = 1, Menon et al., "Long-tail learning via logit adjustment", ICLR 2021; also the 'raw' inverse image
+    frequency that APA's published evaluation adds, kostas1515/AGLU `custom.py`), 'iif' = ln((N - n_c) / n_c) (the
+    'rel' variant of the same code)."""
     n = torch.as_tensor(train_counts, dtype=torch.float64).clamp_min(1)
     total = n.sum()
     table = {'iif': torch.log((total - n) / n), 'prior': -torch.log(n / total)}

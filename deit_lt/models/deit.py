@@ -10,10 +10,12 @@ works as for any timm model; none has pretrained weights (nothing is ever downlo
 AGLU students (Alexandridis et al., "Adaptive Parametric Activation", ECCV 2024): every model here takes
 `act_layer='aglu'`, which replaces the GELU of each block's MLP by its own AGLU (one scalar kappa and lambda per
 block, the 'swin' init of the official code, kostas1515/AGLU@ed45253ea23421bf1ef5f78773b4a28d433fa620
-mmdetection_v3.2/mmdet/models/backbones/swin.py:52-79, the only transformer upstream), with `act_kwargs` for other
-AGLU settings. The `*_aglu` names register the same students with AGLU as their default, including the paper-size
-`deit_base_distilled_patch16_224_aglu` (timm's own `deit_base_distilled_patch16_224` is built by timm, which does
-not know the name 'aglu'). The attention softmax is left alone: APA in attention has no ViT counterpart upstream.
+mmdetection_v3.2/mmdet/models/backbones/swin.py:52-79, the one transformer MLP with AGLU in the official code), with
+`act_kwargs` for other AGLU settings. The `*_aglu` names register the same students with AGLU as their default,
+including the paper-size `deit_base_distilled_patch16_224_aglu` (timm's own `deit_base_distilled_patch16_224` is
+built by timm, which does not know the name 'aglu'). The attention softmax is left alone: the official README also
+trains plain ViTs with an APA attention (`--attn gumbel`, kostas1515/AGLU@293a1b3aa0a3072dd0d6e62ee9a710c5f8a86952
+classification/README.md:48), whose model code is not among the repository files read here.
 """
 from __future__ import annotations
 

@@ -174,10 +174,13 @@ def save_rebalanced_model(path: str | Path, model: torch.nn.Module, meta: dict, 
         prefix = head.module_name + '.'
         if not spec.is_linear:
             kwargs = dict(new_meta.get('model_kwargs') or {})
-            if not kwargs.get('use_norm'):
+            if kwargs.get('head_type') in ('normed', 'cosnorm'):    # the APA CIFAR ResNets' head switch
+                kwargs.update(head_type='linear', use_norm=False)
+            elif kwargs.get('use_norm'):
+                kwargs['use_norm'] = False   # the cosine-head teachers' switch to a plain linear head
+            else:
                 raise ConfigError(f'head {spec.module_name!r} is a {type(spec.module).__name__}; the '
-                                     f'architecture has no linear-head variant to save the new head in')
-            kwargs['use_norm'] = False   # the cosine-head teachers' switch to a plain linear head
+                                  f'architecture has no linear-head variant to save the new head in')
             new_meta['model_kwargs'] = kwargs
             state = {k: v for k, v in state.items() if not k.startswith(prefix)}
         state[prefix + 'weight'] = head.weight.clone()
