@@ -16,7 +16,7 @@ from torch import nn
 
 from .data.pipeline import EvalBatches
 from .metrics import report_from_topk
-from .models.factory import model_predictors
+from .models.factory import model_predictors, unwrap_model
 from .progress import Progress
 
 __all__ = ['collect_predictions', 'evaluate', 'compact_report', 'format_report', 'HEADLINE_METRICS']
@@ -41,12 +41,16 @@ def collect_predictions(model: nn.Module, batches: EvalBatches, *, k: int = 5,
     was_training = model.training
     model.eval()
     parts: dict[str, list] = {}
-    targets = []
+    targets, used = [], []
+    router = getattr(unwrap_model(model), 'router', None)
     ctx = autocast or contextlib.nullcontext
     try:
         for x, y in batches:
             with ctx():
                 outs = model_predictors(model, x)
+                if router is not None:   # a multi-expert model with an expert router (RIDE): its routed prediction
+                    outs['routed'], experts = unwrap_model(model).forward_routed(x)
+                    used.append(experts.float())
             base = {name: z for name, z in outs.items() if not name.startswith('expert')}
             for suffix, offset in (logit_adjust or {}).items():
                 outs |= {f'{name}_{suffix}': z.float() + offset.to(z.device) for name, z in base.items()}
@@ -65,6 +69,8 @@ def collect_predictions(model: nn.Module, batches: EvalBatches, *, k: int = 5,
         top = gather(torch.cat([p[0] for p in items]))[:n_total].cpu()
         conf = gather(torch.cat([p[1] for p in items]))[:n_total].cpu()
         preds[name] = (top, conf)
+    if used:   # experts each sample went through under routed inference
+        preds['_experts_used'] = gather(torch.cat(used))[:n_total].cpu()
     return preds, gather(torch.cat(targets))[:n_total].cpu()
 
 
@@ -77,7 +83,10 @@ def evaluate(model: nn.Module, batches: EvalBatches, groups: Mapping[str, Sequen
     with Progress(len(batches), desc, unit='batch', enabled=show_progress) as progress:
         preds, targets = collect_predictions(model, batches, autocast=autocast, gather=gather, progress=progress,
                                              logit_adjust=logit_adjust)
+    used = preds.pop('_experts_used', None)
     report = {n: report_from_topk(top, conf, targets, num_classes, groups) for n, (top, conf) in preds.items()}
+    if used is not None:
+        report['experts_used'] = used.mean().item()
     if 'cls' in preds and 'dist' in preds:
         report['agreement'] = 100.0 * (preds['cls'][0][:, 0] == preds['dist'][0][:, 0]).double().mean().item()
     report['num_samples'] = int(len(targets))

@@ -26,18 +26,26 @@ Points where the official code is the only source followed (the paper text could
 the config's temperature tau = 2 is overwritten and never used, every softmax runs at temperature 1
 (`loss.py:317, 356`); DRW weights are built but never applied (`loss.py:325-348`); CIS uses each expert's own
 adjusted weak-view argmax and averages the KL over the selected samples, not over B (`loss.py:393-419`).
+
+Teacher method 'mdcs' (`teachers.methods`, `loss.type: mdcs`): the weak view is the batch's image (`aug`), the
+strong view its second augmented view (`Batch.views[0]`, the config's `aug2` section); `loss.kwargs` go to
+`MDCSLoss`.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deit_lt.models import multi_expert  # noqa: F401  (registers ride_* / mdcs_* in timm)
+from deit_lt.errors import ConfigError
+from deit_lt.models.multi_expert import MultiExpertResNet
 
-__all__ = ['MDCS_PRIOR_EXPONENTS', 'mdcs_prior_offsets', 'cis_masks', 'forward_two_views', 'MDCSLoss']
+from .methods import TeacherMethod, _accuracy, register_method
+
+__all__ = ['MDCS_PRIOR_EXPONENTS', 'mdcs_prior_offsets', 'cis_masks', 'forward_two_views', 'MDCSLoss', 'MDCSMethod']
 
 # q_k of the three experts (`loss.py:361-365`): head-biased, balanced, tail-biased.
 MDCS_PRIOR_EXPONENTS = (-0.5, 1.0, 2.5)
@@ -65,17 +73,18 @@ def cis_masks(adjusted_weak: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 
 def forward_two_views(model: nn.Module, x_weak: torch.Tensor,
                       x_strong: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run both views through `model.forward_experts` as one 2B batch (shared BatchNorm statistics, as MDCS).
+    """Run both views through the model as one 2B batch (shared BatchNorm statistics, as MDCS).
 
     Args:
-        model: a multi-expert model (or a wrapper whose `forward_experts` returns a dict with 'logits').
+        model: a multi-expert model, or a DDP / torch.compile wrapper of one: it is called as
+            `model(x, return_experts=True)` and must return a dict with 'logits' (E, 2B, C).
         x_weak: (B, 3, H, W) weakly augmented images.
         x_strong: (B, 3, H, W) strongly augmented versions of the same images.
 
     Returns:
         (weak logits (E, B, C), strong logits (E, B, C)).
     """
-    logits = model.forward_experts(torch.cat([x_weak, x_strong]))['logits']
+    logits = model(torch.cat([x_weak, x_strong]), return_experts=True)['logits']
     return logits[:, :x_weak.shape[0]], logits[:, x_weak.shape[0]:]
 
 
@@ -140,3 +149,37 @@ class MDCSLoss(nn.Module):
         cs = (torch.where(masks, kl, torch.zeros_like(kl)).sum(1) / selected.clamp_min(1)).sum()
         loss = ce + self.cs_factor * cs
         return loss, {'ce': ce.detach(), 'cs': cs.detach(), 'cis': masks.float().mean()}
+
+
+@register_method('mdcs')
+class MDCSMethod(TeacherMethod):
+    """MDCS: diversity loss with per-expert priors + consistency self-distillation from the weak to the strong view.
+
+    Both views go through the network as one batch (`forward_two_views`). The training accuracy logged is the
+    ensemble's (mean raw logits, the test-time prediction) on the weak view.
+    """
+    views = 2                       # weak = Batch.x (aug), strong = Batch.views[0] (aug2)
+    default_use_norm = True         # cosine heads, as every official config (`use_norm: true`)
+    cosine_logits = False           # the model multiplies its cosines by s itself: model files record scale 1
+
+    def __init__(self, cfg, train_counts, model: nn.Module):
+        super().__init__(cfg, train_counts, model)
+        if not isinstance(model, MultiExpertResNet):
+            raise ConfigError(f'loss.type={self.name} trains a multi-expert network: set model.name to mdcs_resnet32, '
+                              f'mdcs_resnet50 or mdcs_resnext50_32x4d (got {type(model).__name__})')
+        try:
+            self.criterion = MDCSLoss(train_counts, **cfg.loss.kwargs)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f'loss.kwargs: {e}') from None
+        if self.criterion.num_experts != model.num_experts:
+            raise ConfigError(f'loss.kwargs.prior_exponents gives {self.criterion.num_experts} experts a prior, the '
+                              f'model has {model.num_experts}')
+
+    def on_epoch(self, epoch: int) -> dict[str, Any]:
+        self.criterion.set_epoch(epoch)
+        return {'cs_factor': self.criterion.cs_factor}
+
+    def loss(self, model, batch, targets):
+        weak, strong = forward_two_views(model, batch.x, batch.views[0])
+        loss, parts = self.criterion(weak, strong, targets)
+        return loss, parts | {'acc': _accuracy(weak.detach().mean(0), targets)}

@@ -23,7 +23,7 @@ from deit_lt.checkpoint import load_model_file
 from deit_lt.data.pipeline import Batch
 from deit_lt.engine import PlainUpdate, RunParts, fit, updates_per_epoch
 from deit_lt.errors import ConfigError
-from deit_lt.models.cnn import create_teacher_model, display_arch
+from deit_lt.models.cnn import create_teacher_model, display_arch, has_cosine_head
 from deit_lt.optim import create_optimizer, create_scheduler
 from deit_lt.recipe import create_run_data, load_datasets, model_meta
 from deit_lt.runtime import create_accelerator, want_compile
@@ -118,12 +118,12 @@ def teacher_parts(cfg: TeacherTrainConfig, accelerator) -> RunParts:
         return method.loss(model, *inputs)
 
     meta = model_meta(data, cfg.data, arch=arch, model_kwargs=model_kwargs, img_size=img_size, config=cfg,
-                      kind='teacher', use_norm=bool(method.cosine_logits),
+                      kind='teacher', use_norm=bool(method.cosine_logits or has_cosine_head(model)),
                       logit_scale=cfg.loss.s if method.cosine_logits else 1.0,
                       loss={'type': cfg.loss.type, 'drw_epoch': cfg.loss.drw_epoch, 'sam': cfg.sam.enabled})
     drw = f'+DRW@{cfg.loss.drw_epoch}' if cfg.loss.drw_epoch is not None else ''
     sam = f'+SAM({cfg.sam.backend})' if cfg.sam.enabled else ''
-    head = 'cosine' if method.cosine_logits else 'linear'
+    head = 'cosine' if (method.cosine_logits or has_cosine_head(model)) else 'linear'
     description = (f'{display_arch(arch, model_kwargs)} ({head} head) @ {img_size} px, {cfg.loss.type.upper()}{drw}'
                    f'{sam}{" + Mixup/CutMix" if mixing else ""}; {cfg.data.name}: {len(train)} train images, '
                    f'{num_classes} classes; augmentation on the {data.placement}; global batch '

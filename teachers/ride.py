@@ -29,21 +29,31 @@ next image of that class's cycle (reshuffled when used up), N draws per epoch. `
 'class_balanced' sampler has the same class marginal (1 / C) but visits classes in shuffled rounds
 (`samples_per_class` consecutive images per visit; use samples_per_class=1 to come closest): a stratified rather
 than an i.i.d. class sequence, and its cycles restart every epoch from (seed, epoch), where RIDE's pointers carry over.
+
+Teacher methods (`teachers.methods`, `loss.type`): 'ride' trains stage 1 (`loss.kwargs` go to `RIDELoss`);
+'ride_router' trains the routers of a model built with `model.kwargs.router: true` on the experts of the stage-1
+model file `model.init_from` (`loss.kwargs` go to `RouterLoss`). Both read the per-expert outputs through
+`model(x, return_experts=True)`. The router run logs, per epoch, the average number of experts its routed
+inference uses per training sample ('experts_used') and the routed accuracy ('acc'); see `routed_outputs`.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deit_lt.errors import CheckpointError, ConfigError
 from deit_lt.losses import class_balanced_weights
-from deit_lt.models import multi_expert  # noqa: F401  (registers ride_* / mdcs_* in timm)
+from deit_lt.models.multi_expert import MultiExpertResNet
 
 from .losses import ldam_margins
+from .methods import TeacherMethod, _accuracy, register_method
 
-__all__ = ['ride_diversity_temperatures', 'RIDELoss', 'prefix_correctness', 'router_targets', 'RouterLoss']
+__all__ = ['ride_diversity_temperatures', 'RIDELoss', 'prefix_correctness', 'router_targets', 'RouterLoss',
+           'routed_outputs', 'RIDEMethod', 'RIDERouterMethod']
 
 
 def ride_diversity_temperatures(counts: Sequence[int] | torch.Tensor, reweight_factor: float = 0.05,
@@ -224,3 +234,108 @@ class RouterLoss(nn.Module):
                                   for r, t in zip(router_logits.float(), labels, strict=True)])
         loss = per_router.mean()
         return loss, {'router_bce': loss.detach(), 'router_positive': labels.mean()}
+
+
+def routed_outputs(expert_logits: torch.Tensor, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RIDE's routed inference from one full pass's outputs (`forward_experts` of a model with a router).
+
+    Router k's logit in that pass is computed from the same inputs routed inference gives it (expert k's feature
+    and the mean logits of experts 0..k), so with frozen experts in eval-mode BatchNorm this equals
+    `MultiExpertResNet.forward_routed` while costing no extra pass.
+
+    Args:
+        expert_logits: (E, B, C) per-expert logits.
+        router_logits: (E - 1, B) router logits.
+
+    Returns:
+        (logits (B, C): the mean logits of the experts each sample uses, experts_used (B,) int64 in 1..E).
+    """
+    go_on = (torch.sigmoid(router_logits) > 0.5).long().cumprod(0)   # a stopped sample never resumes
+    used = 1 + go_on.sum(0)
+    steps = torch.arange(1, expert_logits.shape[0] + 1, device=expert_logits.device, dtype=expert_logits.dtype)
+    prefix = expert_logits.cumsum(0) / steps.view(-1, 1, 1)
+    return prefix[used - 1, torch.arange(expert_logits.shape[1], device=expert_logits.device)], used
+
+
+def _multi_expert(model: nn.Module, method: str) -> MultiExpertResNet:
+    if not isinstance(model, MultiExpertResNet):
+        raise ConfigError(f'loss.type={method} trains a multi-expert network: set model.name to ride_resnet32, '
+                          f'ride_resnet50 or ride_resnext50_32x4d (got {type(model).__name__})')
+    return model
+
+
+def _loss_error(e: Exception) -> ConfigError:
+    return ConfigError(f'loss.kwargs: {e}')
+
+
+@register_method('ride')
+class RIDEMethod(TeacherMethod):
+    """RIDE stage 1: LDAM + DRW per expert and the distribution-aware diversity loss, summed over experts.
+
+    Reads `loss.drw_epoch` (also the switch of the per-class temperatures), `loss.max_m` and `loss.beta`;
+    `loss.kwargs` are the other `RIDELoss` options (diversity_factor, reweight_factor, ...). `loss.s` is not read:
+    the logits carry the model's own scale (`model.kwargs.scale`, 30), which the margins are multiplied by.
+    """
+    default_use_norm = True         # cosine heads, as every official config (`use_norm: true`)
+    cosine_logits = False           # the model multiplies its cosines by s itself: model files record scale 1
+
+    def __init__(self, cfg, train_counts, model: nn.Module):
+        super().__init__(cfg, train_counts, model)
+        model = _multi_expert(model, self.name)
+        try:
+            self.criterion = RIDELoss(train_counts, drw_epoch=cfg.loss.drw_epoch, max_m=cfg.loss.max_m,
+                                      s=model.scale, beta=cfg.loss.beta, **cfg.loss.kwargs)
+        except (TypeError, ValueError) as e:
+            raise _loss_error(e) from None
+
+    def on_epoch(self, epoch: int) -> dict[str, Any]:
+        self.criterion.set_epoch(epoch)
+        return {'drw': self.criterion.drw_active, 'class_temperatures': self.criterion.temperature_active}
+
+    def loss(self, model, batch, targets):
+        out = model(batch.x, return_experts=True)
+        loss, parts = self.criterion(out['logits'], targets)
+        return loss, parts | {'acc': _accuracy(out['output'], targets)}
+
+
+@register_method('ride_router')
+class RIDERouterMethod(TeacherMethod):
+    """RIDE stage 2: the expert-assignment routers on frozen stage-1 experts (BCE with positive weight).
+
+    Needs a model built with a router (`model.kwargs: {router: true, router_top_k: K}`, K <= classes) and the
+    stage-1 model file in `model.init_from`, whose experts are loaded by `MultiExpertResNet.load_experts_state_dict`
+    and frozen with BatchNorm in eval mode. RIDE samples this stage class-balanced: `aug.sampler: class_balanced`
+    with `aug.samples_per_class: 1` (see the module docstring for how it differs from RIDE's sampler).
+    `loss.kwargs` go to `RouterLoss` (pos_weight).
+    """
+    default_use_norm = True
+    cosine_logits = False
+
+    def __init__(self, cfg, train_counts, model: nn.Module):
+        super().__init__(cfg, train_counts, model)
+        model = _multi_expert(model, self.name)
+        if model.router is None:
+            raise ConfigError(f'loss.type={self.name} trains the expert-assignment routers: build the model with '
+                              f'them (model.kwargs: {{router: true, router_top_k: K}}, K <= the number of classes)')
+        if not cfg.model.init_from:
+            raise ConfigError(f'loss.type={self.name} routes between trained experts: set model.init_from to the '
+                              f'stage-1 (loss.type=ride) model file')
+        try:
+            self.criterion = RouterLoss(**cfg.loss.kwargs)
+        except TypeError as e:
+            raise _loss_error(e) from None
+
+    def init_weights(self, model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+        try:
+            model.load_experts_state_dict(state_dict)
+        except RuntimeError as e:
+            raise CheckpointError(f'{source} does not hold experts of this model: {e}') from None
+
+    def setup(self, model: nn.Module) -> None:
+        model.freeze_experts()
+
+    def loss(self, model, batch, targets):
+        out = model(batch.x, return_experts=True)
+        loss, parts = self.criterion(out['router_logits'], out['logits'], targets)
+        logits, used = routed_outputs(out['logits'].detach(), out['router_logits'].detach())
+        return loss, parts | {'acc': _accuracy(logits, targets), 'experts_used': used.float().mean()}

@@ -5,8 +5,8 @@ CVPR 2023 (arXiv 2304.01279); official code jinyan-06/SHIKE @ 2b04b62, `cifarTra
 175-220; the stage switch at 134-137) and `utils.py` (`soft_entropy`, `CosineAnnealingLRWarmup`). The model is
 `deit_lt.models.shike`.
 
-Stage 1 (0-based epochs 0 .. stage2_epoch - 1), with z_i the (B, C) logits of expert i and KLm PyTorch's default
-'mean' reduction of `F.kl_div` (sum over batch and classes / (B * C), cifarTrain.py:213-220):
+Stage 1 (official 0-based epochs 0..179), `ShikeLoss`, with z_i the (B, C) logits of expert i and KLm PyTorch's
+default 'mean' reduction of `F.kl_div` (sum over batch and classes / (B * C), cifarTrain.py:213-220):
 
     L1 = sum_i CE(z_i, y)                                    (mean over the batch)
        + 10 * sum_i KLm(softmax(t) || softmax(s_i))         hardest-negative suppression (HNS)
@@ -20,11 +20,19 @@ negative is raised to the experts' maximum, so relative to the rest the hardest 
 detached (cifarTrain.py:175-187, 215): the teacher (through zbar and zmax) and both sides of every mutual KL get
 gradients.
 
-Stage 2 (epochs >= stage2_epoch): balanced softmax per expert on the stage-2 heads,
+Stage 2 (official epochs 180..199), `BalancedSoftmaxLoss`: balanced softmax per expert on the stage-2 heads,
 L2 = sum_i CE(z_i + log n, y), n = training images per class.
 
-Epochs are 0-based everywhere, as in the official loop (`for epoch in range(0, args.epochs)`), and the project's
-convention: `set_epoch(e)` is called with the index of the epoch about to run.
+Two runs here, one run there. The official script trains both stages in one loop of 200 epochs: at the start of
+every epoch >= `cornerstone` (180) it freezes everything but the stage-2 heads, switches the forward pass to them
+and steps a second SGD with its own warm-up + cosine schedule (cifarTrain.py:134-137). Here each stage is a run of
+its own: the teacher method 'shike' (stage 1, 180 epochs) and 'shike_stage2' (20 epochs, `model.init_from` = the
+stage-1 run's `last.safetensors`, `ShikeResNetCifar.set_stage(2)`), each with its schedule in its config. What
+carries over in the official loop is the model (weights and BatchNorm statistics, both in the model file); the
+stage-2 SGD starts fresh there too. `shike_lr` gives the official learning rate of every epoch of the 200; the
+configs under `configs/teachers/shike/` reproduce it with the project's warm-up + cosine schedule.
+
+Epochs are 0-based everywhere, as in the official loop (`for epoch in range(0, args.epochs)`).
 """
 from __future__ import annotations
 
@@ -35,7 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ['ShikeLoss', 'hns_teacher_logits', 'shike_lr', 'warmup_cosine_lr']
+from deit_lt.errors import ConfigError
+from deit_lt.models.shike import ShikeResNetCifar
+
+from .methods import TeacherMethod, _accuracy, register_method
+
+__all__ = ['ShikeLoss', 'BalancedSoftmaxLoss', 'hns_teacher_logits', 'shike_lr', 'warmup_cosine_lr',
+           'ShikeMethod', 'ShikeStage2Method']
 
 KL_REDUCTIONS = ('mean', 'batchmean')
 
@@ -69,16 +83,22 @@ def _kl(target_log_probs: torch.Tensor, input_log_probs: torch.Tensor, reduction
     return pointwise.sum() / (b * k if reduction == 'mean' else b)
 
 
+def _check_expert_logits(expert_logits: torch.Tensor, targets: torch.Tensor, num_classes: int | None) -> None:
+    if expert_logits.ndim != 3 or (num_classes is not None and expert_logits.shape[-1] != num_classes):
+        want = f'(E, B, {num_classes})' if num_classes is not None else '(E, B, C)'
+        raise ValueError(f'expected {want} expert logits, got {tuple(expert_logits.shape)}')
+    if targets.ndim != 1 or targets.shape[0] != expert_logits.shape[1] or targets.is_floating_point():
+        raise ValueError(f'expected ({expert_logits.shape[1]},) integer class targets, got '
+                         f'{tuple(targets.shape)} {targets.dtype}')
+
+
 class ShikeLoss(nn.Module):
-    """SHIKE's stage-1 loss (CE + HNS + mutual distillation) and stage-2 balanced softmax, switched by epoch.
+    """SHIKE's stage-1 loss: per-expert CE + hardest-negative suppression + mutual distillation.
 
     Defaults are the official ones. The options reproduce variants the official code does not take, for ablations:
     none of them is used by the published run.
 
     Args:
-        train_counts: (C,) training images per class (log n of the balanced softmax).
-        stage2_epoch: first 0-based epoch of the classifier re-training (official `cornerstone` 180);
-            None = stage 1 throughout.
         hns_weight: weight of the HNS term (official 10).
         mutual_weight: weight of the mutual-distillation term (official 1).
         kl_reduction: 'mean' (official: KL summed over the batch and classes, divided by B * C, so for C = 100 the
@@ -90,37 +110,20 @@ class ShikeLoss(nn.Module):
         detach_teacher: stop the gradient through the HNS teacher (the official code does not).
     """
 
-    def __init__(self, train_counts: Sequence[int] | torch.Tensor, stage2_epoch: int | None = 180,
-                 hns_weight: float = 10.0, mutual_weight: float = 1.0, kl_reduction: str = 'mean',
+    def __init__(self, hns_weight: float = 10.0, mutual_weight: float = 1.0, kl_reduction: str = 'mean',
                  student_target_logit: float = -30.0, exclude_target: bool = False, detach_teacher: bool = False):
         super().__init__()
-        counts = torch.as_tensor(train_counts, dtype=torch.float64)
-        if counts.ndim != 1 or (counts <= 0).any():
-            raise ValueError('train_counts must be a 1-d sequence of positive class counts (the balanced softmax '
-                             'needs log n_c for every class)')
         if kl_reduction not in KL_REDUCTIONS:
             raise ValueError(f'unknown kl_reduction {kl_reduction!r} ({" | ".join(KL_REDUCTIONS)})')
-        self.num_classes = len(counts)
-        self.stage2_epoch = stage2_epoch
         self.hns_weight = hns_weight
         self.mutual_weight = mutual_weight
         self.kl_reduction = kl_reduction
         self.student_target_logit = student_target_logit
         self.exclude_target = exclude_target
         self.detach_teacher = detach_teacher
-        self.register_buffer('log_prior', counts.log().to(torch.float32), persistent=False)
-        self.stage = 1
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the loss for 0-based `epoch`: stage 2 from `stage2_epoch` on.
-
-        The model must switch at the same epoch (`ShikeResNetCifar.set_stage(2)`); the official loop does both at
-        the start of each epoch >= cornerstone.
-        """
-        self.stage = 2 if self.stage2_epoch is not None and epoch >= self.stage2_epoch else 1
 
     def forward(self, expert_logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Loss of the current stage.
+        """The stage-1 loss.
 
         Args:
             expert_logits: (E, B, C) expert logits (already scaled by s, as `forward_experts` returns them).
@@ -128,26 +131,14 @@ class ShikeLoss(nn.Module):
 
         Returns:
             (scalar loss, parts) where parts holds detached scalars that sum to the loss: 'ce', 'hns', 'mutual'
-            (weighted) in stage 1, 'balanced_ce' in stage 2.
+            (each weighted).
         """
-        if expert_logits.ndim != 3 or expert_logits.shape[-1] != self.num_classes:
-            raise ValueError(f'expected (E, B, {self.num_classes}) expert logits, got {tuple(expert_logits.shape)}')
-        if targets.ndim != 1 or targets.shape[0] != expert_logits.shape[1] or targets.is_floating_point():
-            raise ValueError(f'expected ({expert_logits.shape[1]},) integer class targets, got '
-                             f'{tuple(targets.shape)} {targets.dtype}')
+        _check_expert_logits(expert_logits, targets, None)
         z = expert_logits.float()  # the official softmax / kl_div run in float32 under autocast too
-        if self.stage == 2:
-            loss = self.balanced_ce(z, targets)
-            return loss, {'balanced_ce': loss.detach()}
         ce = sum(F.cross_entropy(z_i, targets) for z_i in z.unbind(0))
         hns = self.hns_weight * self.hns(z, targets)
         mutual = self.mutual_weight * self.mutual(z)
         return ce + hns + mutual, {'ce': ce.detach(), 'hns': hns.detach(), 'mutual': mutual.detach()}
-
-    def balanced_ce(self, expert_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """sum_i CE(z_i + log n, y), each a mean over the batch: (E, B, C), (B,) -> scalar."""
-        z = expert_logits + self.log_prior.to(expert_logits.device)
-        return sum(F.cross_entropy(z_i, targets) for z_i in z.unbind(0))
 
     def hns(self, expert_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Unweighted sum_i KL(softmax(t) || softmax(s_i)): (E, B, C), (B,) -> scalar."""
@@ -177,6 +168,33 @@ class ShikeLoss(nn.Module):
         return total
 
 
+class BalancedSoftmaxLoss(nn.Module):
+    """SHIKE's stage-2 loss: the balanced softmax of every expert, summed over experts.
+
+    L2 = sum_i CE(z_i + log n, y), each a mean over the batch (Ren et al., "Balanced Meta-Softmax for Long-Tailed
+    Visual Recognition", NeurIPS 2020; official `cifarTrain.py` stage-2 branch).
+
+    Args:
+        train_counts: (C,) training images per class (all positive: log n_c must exist).
+    """
+
+    def __init__(self, train_counts: Sequence[int] | torch.Tensor):
+        super().__init__()
+        counts = torch.as_tensor(train_counts, dtype=torch.float64)
+        if counts.ndim != 1 or (counts <= 0).any():
+            raise ValueError('train_counts must be a 1-d sequence of positive class counts (the balanced softmax '
+                             'needs log n_c for every class)')
+        self.num_classes = len(counts)
+        self.register_buffer('log_prior', counts.log().to(torch.float32), persistent=False)
+
+    def forward(self, expert_logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(E, B, C) expert logits, (B,) labels -> (scalar loss, {'balanced_ce': detached loss})."""
+        _check_expert_logits(expert_logits, targets, self.num_classes)
+        z = expert_logits.float() + self.log_prior.to(expert_logits.device)
+        loss = sum(F.cross_entropy(z_i, targets) for z_i in z.unbind(0))
+        return loss, {'balanced_ce': loss.detach()}
+
+
 def warmup_cosine_lr(epoch: int, *, base_lr: float, peak_lr: float, warmup_epochs: int, total_epochs: int) -> float:
     """Official `CosineAnnealingLRWarmup` (eta_min 0) for 0-based `epoch` within a stage of `total_epochs`.
 
@@ -202,3 +220,73 @@ def shike_lr(epoch: int, stage2_epoch: int = 180, total_epochs: int = 200, base_
                                 total_epochs=stage2_epoch)
     return warmup_cosine_lr(epoch - stage2_epoch, base_lr=base_lr, peak_lr=stage2_peak_lr,
                             warmup_epochs=warmup_epochs, total_epochs=total_epochs - stage2_epoch)
+
+
+def _shike_model(model: nn.Module, method: str) -> ShikeResNetCifar:
+    if not isinstance(model, ShikeResNetCifar):
+        raise ConfigError(f'loss.type={method} trains a SHIKE network: set model.name=shike_resnet32 (got '
+                          f'{type(model).__name__})')
+    return model
+
+
+@register_method('shike')
+class ShikeMethod(TeacherMethod):
+    """SHIKE stage 1: CE + hardest-negative suppression + mutual distillation on the stage-1 heads.
+
+    `loss.kwargs` are `ShikeLoss` options (all default to the official values). Train stage 2 afterwards with
+    'shike_stage2' from this run's model file.
+    """
+    default_use_norm = False        # shike_resnet32 takes no use_norm: its heads are always cosine (times 30)
+    cosine_logits = False           # the model multiplies its cosines by 30 itself: model files record scale 1
+
+    def __init__(self, cfg, train_counts, model: nn.Module):
+        super().__init__(cfg, train_counts, model)
+        _shike_model(model, self.name)
+        try:
+            self.criterion = ShikeLoss(**cfg.loss.kwargs)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f'loss.kwargs: {e}') from None
+
+    def setup(self, model: nn.Module) -> None:
+        model.set_stage(1)          # also when model.init_from is a stage-2 file: train the stage-1 heads
+
+    def loss(self, model, batch, targets):
+        out = model(batch.x, return_experts=True)
+        loss, parts = self.criterion(out['logits'], targets)
+        return loss, parts | {'acc': _accuracy(out['output'], targets)}
+
+
+@register_method('shike_stage2')
+class ShikeStage2Method(TeacherMethod):
+    """SHIKE stage 2 (decoupled classifier re-training): balanced softmax on the stage-2 heads, all else frozen.
+
+    Needs the stage-1 model file in `model.init_from`; `ShikeResNetCifar.set_stage(2)` freezes every parameter
+    but the stage-2 heads (the optimizer holds only those) and makes the model predict with them, also in the model
+    files it writes. `loss.kwargs`: `freeze_bn_stats` (default false: BatchNorm running statistics keep updating,
+    as the official `model.train()` does).
+    """
+    default_use_norm = False
+    cosine_logits = False
+
+    def __init__(self, cfg, train_counts, model: nn.Module):
+        super().__init__(cfg, train_counts, model)
+        _shike_model(model, self.name)
+        if not cfg.model.init_from:
+            raise ConfigError(f'loss.type={self.name} re-trains the classifiers of a trained SHIKE network: set '
+                              f'model.init_from to the stage-1 (loss.type=shike) model file')
+        options = dict(cfg.loss.kwargs)
+        self.freeze_bn_stats = bool(options.pop('freeze_bn_stats', False))
+        if options:
+            raise ConfigError(f'loss.kwargs: {self.name} takes only freeze_bn_stats, got {sorted(options)}')
+        try:
+            self.criterion = BalancedSoftmaxLoss(train_counts)
+        except ValueError as e:
+            raise ConfigError(f'{self.name}: {e}') from None
+
+    def setup(self, model: nn.Module) -> None:
+        model.set_stage(2, freeze_bn_stats=self.freeze_bn_stats)
+
+    def loss(self, model, batch, targets):
+        out = model(batch.x, return_experts=True)
+        loss, parts = self.criterion(out['logits'], targets)
+        return loss, parts | {'acc': _accuracy(out['output'], targets)}

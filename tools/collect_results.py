@@ -75,6 +75,13 @@ PUBLISHED = {
     ('inat2018', None, 'deit_lt_ldam'): (72.9, 69.0, 73.3, 73.3),
     ('inat2018', None, 'deit_lt_paco'): (75.1, 70.3, 75.2, 76.2),
     ('inat2018', None, 'vit'): (54.2, 64.3, 53.9, 52.1),
+    # multi-expert teachers: RIDE (ICLR 2021; MODEL_ZOO.md of frank-xwang/RIDE-LongTailRecognition), MDCS (ICCV 2023,
+    # supplementary Table 1), SHIKE (CVPR 2023, abstract)
+    ('cifar100_lt', 100, 'teacher_ride'): (48.0,),
+    ('cifar100_lt', 100, 'teacher_ride_router'): (48.6, 67.0, 49.9, 25.7),
+    ('imagenet_lt', None, 'teacher_ride_resnext50_router'): (55.7, 67.0, 52.2, 36.0),
+    ('cifar100_lt', 100, 'teacher_mdcs'): (56.1,),
+    ('cifar100_lt', 100, 'teacher_shike_stage2'): (56.3,),
 }
 ROW_LABELS = {
     'teacher_ldam_drw_sam': 'Teacher ResNet-32/50, LDAM+DRW+SAM',
@@ -82,6 +89,9 @@ ROW_LABELS = {
     'vit': 'ViT (no distillation)', 'vit_crt': 'ViT + cRT', 'vit_tau_norm': 'ViT + tau-norm', 'deit': 'DeiT (no DRW)',
     'deit_lt_ldam': 'DeiT-LT, LDAM+DRW+SAM teacher', 'deit_lt_ce': 'DeiT-LT, CE+DRW+SAM teacher',
     'deit_lt_paco': 'DeiT-LT, PaCo+SAM teacher',
+    'teacher_ride': 'RIDE, 3 experts (ResNet-32)', 'teacher_ride_router': 'RIDE, 3 experts + router',
+    'teacher_ride_resnext50_router': 'RIDE, 3 experts + router (ResNeXt-50)', 'teacher_mdcs': 'MDCS, 3 experts',
+    'teacher_shike_stage2': 'SHIKE, 3 experts (both stages)',
 }
 # Datasets whose imbalance factor is a setting (the others have one fixed long-tailed split).
 _IF_DATASETS = ('cifar10_lt', 'cifar100_lt', 'digits_lt')

@@ -18,7 +18,8 @@ experts.
   the scale lives in the model (as in the official code, `ride_resnet_cifar.py` `_separate_part`), so every output
   here is a logit on the training scale: a teacher adapter must not multiply by 30 again.
 - Output: `forward(x)` is the mean over experts of the scaled logits (RIDE's router-free inference and MDCS's
-  test-time prediction, which uses raw logits without the training-time priors: MDCS `test.py:98-99`).
+  test-time prediction, which uses raw logits without the training-time priors: MDCS `test.py:98-99`);
+  `forward(x, return_experts=True)` is `forward_experts(x)`, the per-expert outputs the training losses read.
 - RIDE stage 2 (expert assignment, `router=True`): E - 1 routers; router k reads the sorted top-K of the mean
   logits of experts 0..k and ReLU(Linear(16)) of the L2-normalised pooled feature of expert k, and a Linear shared
   by all routers gives one logit: "also run expert k + 1" (`ea_resnet_cifar.py` `pred_expert_help`).
@@ -314,8 +315,17 @@ class MultiExpertResNet(nn.Module):
                                                   dtype=logits.dtype).view(-1, 1, 1)
         return torch.stack([self.router(k, features[k], prefix[k]) for k in range(self.num_experts - 1)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, H, W) -> (B, C) mean over experts of the scaled logits (train and eval mode)."""
+    def forward(self, x: torch.Tensor, return_experts: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
+        """(B, in_chans, H, W) -> (B, C) mean over experts of the scaled logits (train and eval mode).
+
+        Args:
+            x: images.
+            return_experts: return `forward_experts(x)` instead (the per-expert outputs the training losses read).
+                Training code asks for them through the model call rather than `forward_experts`, so that the
+                pass goes through DDP and torch.compile wrappers (DDP syncs gradients only of passes it saw).
+        """
+        if return_experts:
+            return self.forward_experts(x)
         shared = self.forward_shared(x)
         total = None
         for e in range(self.num_experts):

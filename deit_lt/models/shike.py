@@ -322,8 +322,16 @@ class ShikeResNetCifar(nn.Module):
         logits = self._expert_logits(g)
         return {'logits': logits, 'features': g, 'output': logits.mean(0)}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, H, W) images -> (B, C) ensemble logits (mean over experts; official inference)."""
+    def forward(self, x: torch.Tensor, return_experts: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
+        """(B, in_chans, H, W) images -> (B, C) ensemble logits (mean over experts; official inference).
+
+        Args:
+            x: images.
+            return_experts: return `forward_experts(x)` instead (what the SHIKE losses read), through the model
+                call so that DDP and torch.compile wrappers see the pass.
+        """
+        if return_experts:
+            return self.forward_experts(x)
         return self.forward_head(self.forward_features(x))
 
 

@@ -295,7 +295,7 @@ class TeacherAdapter(nn.Module):
                  teacher_norm: tuple[Sequence[float], Sequence[float]] | None = None, logit_scale: float = 1.0,
                  class_map: Sequence[int] | None = None, channels_last: bool = False, routed: bool = False):
         super().__init__()
-        if routed and not hasattr(model, 'forward_routed'):
+        if routed and getattr(model, 'router', None) is None:
             raise CheckpointError(f'{type(model).__name__} has no expert router: routed teacher inference needs a '
                                   f'multi-expert teacher trained with a router (teacher.routed=false otherwise)')
         self.routed = routed
