@@ -496,6 +496,9 @@ def scale_schedule(cfg: Any) -> Any:
             last = max(last + 1, round(b * s))
             bounds.append(last)
         sam.step_epochs = bounds
+    cluster = getattr(cfg, 'cluster', None)
+    if hasattr(cluster, 'bank_start_epoch'):
+        cluster.bank_start_epoch = inside(cluster.bank_start_epoch)
     runtime = getattr(cfg, 'runtime', None)
     for key in ('eval_every', 'save_every'):
         if hasattr(runtime, key):

@@ -99,6 +99,7 @@ class RunParts:
             the highest score (default: top-1 of the headline predictor on the selection split). A label-free
             recipe selects on its training statistics here.
         headline: the predictor a run is judged by (default: 'avg' for distilled students, else 'logits').
+        metrics: the metrics of each predictor kept per epoch in the history and logged (clustering adds its own).
     """
     kind: str
     model: nn.Module
@@ -122,6 +123,7 @@ class RunParts:
     evaluate: Callable[[nn.Module, str, EvalBatches], dict] | None = None
     selection: Callable[[dict, dict], float] | None = None
     headline: str | None = None
+    metrics: tuple[str, ...] = HEADLINE_METRICS
 
 
 @dataclasses.dataclass
@@ -243,7 +245,7 @@ class _Run:
         return self.last_report
 
     def headline_of(self, report: dict) -> dict:
-        return {split: {p: {m: r[p][m] for m in HEADLINE_METRICS} for p in r if isinstance(r[p], dict)}
+        return {split: {p: {m: r[p].get(m) for m in self.p.metrics} for p in r if isinstance(r[p], dict)}
                 for split, r in report.items()}
 
 
@@ -353,7 +355,7 @@ def _epoch(run: _Run) -> None:
     if run.is_main:
         _print_epoch(run, record)
         run.logger.log({f'epoch/{k}': v for k, v in record.items() if isinstance(v, (int, float))}
-                       | {f'{split}/{p}_{m}': v for split in ('test', 'val') if split in record
+                       | {f'{split}/{p}_{m}': v for split in run.p.eval_batches if split in record
                           for p, r in record[split].items() for m, v in r.items() if v is not None}, st.updates)
     if epoch_done:
         st.history.append(record)
@@ -381,7 +383,7 @@ def _print_epoch(run: _Run, record: dict) -> None:
     parts = [f'{k} {v:.4f}' for k, v in tr.items() if k.startswith('loss')] + \
             [f'{k} {v:.2f}' for k, v in tr.items() if k == 'acc']
     extra = ''.join(f', {k} {v:.3g}' if isinstance(v, float) else f', {k} {v}'
-                    for k, v in record.items() if k not in ('epoch', 'updates', 'lr', 'train', 'test', 'val'))
+                    for k, v in record.items() if k not in ('epoch', 'updates', 'lr', 'train', *run.p.eval_batches))
     print(f'epoch {record["epoch"] + 1}/{run.epochs}: {", ".join(parts)}, lr {record["lr"]:.3g}{extra}, '
           f'{tr["time_s"]:.1f} s, {tr.get("img_per_s", 0):.0f} img/s', flush=True)
     if 'test' in record and run.last_report is not None:
@@ -535,7 +537,7 @@ def _finish(run: _Run) -> dict:
         report['best'] = dict(st.best)
         best_rec = next((h for h in st.history if h['epoch'] == st.best['epoch']), None)
         if best_rec is not None:
-            report['best']['metrics'] = {s: best_rec[s] for s in ('test', 'val') if s in best_rec}
+            report['best']['metrics'] = {s: best_rec[s] for s in p.eval_batches if s in best_rec}
     if run.is_main:
         # the weights of the last finished epoch, or of a stop inside epoch `st.epoch` after `st.step` micro-steps
         where = {'epoch': st.epoch - 1} if st.step == 0 else {'epoch': st.epoch, 'step_in_epoch': st.step}

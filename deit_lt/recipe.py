@@ -59,9 +59,9 @@ def create_run_data(sets: dict[str, LTDataset], data_cfg: DataConfig, aug: AugCo
                     ) -> RunData:
     """Sampler and batches of a training run over `sets` (from `load_datasets`).
 
-    `extra_views`: augmentations of further views of each image (`Batch.views`). The sampler is `aug.sampler` (with DeiT's repeated augmentation when `aug.repeated_aug` > 1 and the sampler is
-    'instance'); the placement of augmentation is `aug.placement`. `img_size` None means the images' own size
-    (in-memory datasets) or 224.
+    `extra_views`: augmentations of further views of each image (`Batch.views`). The sampler is `aug.sampler`
+    (with DeiT's repeated augmentation when `aug.repeated_aug` > 1 and the sampler is 'instance'); the placement of
+    augmentation is `aug.placement`. `img_size` None means the images' own size (in-memory datasets) or 224.
 
     Raises:
         ConfigError: batch sizes that do not divide, or a batch larger than one process's epoch.

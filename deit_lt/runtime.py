@@ -24,7 +24,7 @@ __all__ = ['create_accelerator', 'resolve_resume', 'gather_fn', 'want_compile', 
 
 # what a run writes into its output folder (removed by runtime.overwrite=true)
 RUN_FILES = ('checkpoints', 'report.json', 'best.safetensors', 'last.safetensors', 'log.jsonl', 'config.yaml',
-             'per_class_accuracy.png', 'class_counts.json', 'class_map.json')
+             'per_class_accuracy.png', 'class_counts.json', 'class_map.json', 'clusters.json')
 
 
 class OutputDir:

@@ -83,7 +83,8 @@ def test_every_shipped_student_config_loads():
 def test_epochs_scale_shrinks_every_schedule_setting():
     from deit_lt.config import TrainConfig, load_config
     from teachers.config import TeacherTrainConfig, validate_config
-    c = load_config(TrainConfig, REPO / 'configs' / 'cifar10_lt' / 'deit_lt_ldam_if100.yaml', ['optim.epochs_scale=0.01'])
+    c = load_config(TrainConfig, REPO / 'configs' / 'cifar10_lt' / 'deit_lt_ldam_if100.yaml',
+                    ['optim.epochs_scale=0.01'])
     assert (c.optim.epochs, c.distill.drw_epoch, c.optim.warmup_epochs, c.optim.epochs_scale) == (12, 11, 0.05, 1.0)
     t = load_config(TeacherTrainConfig, REPO / 'configs' / 'teachers' / 'imagenet_lt_ldam_drw_sam.yaml',
                     ['optim.epochs_scale=0.1'])
@@ -91,5 +92,5 @@ def test_epochs_scale_shrinks_every_schedule_setting():
     validate_config(t)
     d = load_config(TeacherTrainConfig, REPO / 'configs' / 'teachers' / 'cifar10_lt_if100_ldam_drw_sam.yaml',
                     ['optim.epochs_scale=0.02'])
-    assert (d.optim.epochs, d.optim.milestones, d.optim.warmup_epochs, d.loss.drw_epoch) == (4, [3, 3], 0.0, 3)
+    assert (d.optim.epochs, d.optim.milestones, d.optim.warmup_epochs, d.loss.drw_epoch) == (4, [3], 0.0, 3)
     validate_config(d)

@@ -19,7 +19,8 @@ from deit_lt.checkpoint import save_model_file
 from deit_lt.data.lt_datasets import lt_class_counts
 from deit_lt.models.factory import create_model_from_checkpoint, create_model_from_meta
 from deit_lt.models.multi_expert import MultiExpertResNet, convert_official_state_dict
-from teachers.ride import RIDELoss, RouterLoss, prefix_correctness, ride_diversity_temperatures, router_targets
+from teachers.ride import (RIDELoss, RouterLoss, prefix_correctness, ride_diversity_temperatures, routed_outputs,
+                           router_targets)
 
 COUNTS = (100, 10, 1)
 TOL = 1e-5
@@ -271,6 +272,9 @@ def test_routed_inference_matches_prefix_reference():
     assert (used == 1).any() and (used > 1).any()
     prefix = out['logits'].cumsum(0) / torch.arange(1, 4).view(-1, 1, 1)
     assert torch.allclose(logits, prefix[used - 1, torch.arange(8)], atol=1e-4)
+    # the router run's training statistics come from one full pass: the same routing
+    one_pass_logits, one_pass_used = routed_outputs(out['logits'], out['router_logits'])
+    assert torch.equal(one_pass_used, used) and torch.allclose(one_pass_logits, logits, atol=1e-4)
     with torch.no_grad():
         model.router.fc.bias.fill_(1e4)
         logits, used = model.forward_routed(x)

@@ -138,14 +138,16 @@ CIFAR10_IF100 = lt_class_counts(5000, 10, 100)
 def test_ldam_margins_and_drw_weights_cifar10_if100():
     assert CIFAR10_IF100 == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
     margins = ldam_margins(CIFAR10_IF100, max_m=0.5)
-    spec_margins = [0.158, 0.180, 0.204, 0.232, 0.264, 0.300, 0.341, 0.387, 0.440, 0.500]   # max_m * (n_min / n_j)^(1/4), LDAM-DRW losses.py
+    # max_m * (n_min / n_j)^(1/4), LDAM-DRW losses.py
+    spec_margins = [0.158, 0.180, 0.204, 0.232, 0.264, 0.300, 0.341, 0.387, 0.440, 0.500]
     assert margins.tolist() == pytest.approx(spec_margins, abs=6e-4)
     assert margins[-1].item() == pytest.approx(0.5, abs=1e-7)
     loss = TeacherLoss(CIFAR10_IF100, 'ldam', drw_epoch=160)
     loss.set_epoch(159)
     assert loss.weights is None
     loss.set_epoch(160)
-    spec_weights = [0.051, 0.077, 0.121, 0.195, 0.319, 0.525, 0.868, 1.443, 2.409, 3.993]   # Cui et al. 2019, normalised to mean 1
+    # Cui et al. 2019, normalised to mean 1
+    spec_weights = [0.051, 0.077, 0.121, 0.195, 0.319, 0.525, 0.868, 1.443, 2.409, 3.993]
     assert loss.weights.tolist() == pytest.approx(spec_weights, abs=6e-4)
     assert loss.weights.sum().item() == pytest.approx(10.0, rel=1e-6)
     with pytest.raises(ValueError, match='every class'):

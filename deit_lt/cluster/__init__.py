@@ -1,12 +1,19 @@
 """Imbalanced deep clustering with optimal-transport pseudo-labels: P²OT (Zhang et al., ICLR 2024) and SP²OT.
 
-Model-independent core, for a training tool to build on:
+Model-independent core (exported here):
 
 - `ot`: entropic partial OT with a virtual cluster and KL-relaxed cluster sizes (`partial_ot`, `P2OTSolver`), the
   rho and lam1 schedules, the k-NN similarity and SP²OT's majorisation-minimisation (`SP2OTSolver`);
 - `losses`: swapped-prediction loss, FIFO memory bank, per-step pseudo-labels, label-free model selection score;
 - `metrics`: Hungarian-matched ACC (class-mean recall), overall accuracy, NMI, ARI, macro F1, head/mid/tail
   accuracy, and a k-means baseline.
+
+Training (`tools/cluster.py`; import the modules directly, they pull in timm and the run loop):
+
+- `config`: `ClusterTrainConfig` (model / cluster sections on the shared data, aug, optim, runtime, W&B sections);
+- `model`: `ClusterModel` (backbone frozen except its last blocks, cosine heads, `OTState` buffers),
+  `create_backbone`, `load_cluster_model`;
+- `recipe`: `cluster_parts` (the `deit_lt.engine.RunParts`), `train_cluster`, the evaluation hook.
 """
 from .losses import MemoryBank, SwappedPredictionLoss, pseudo_labels, selection_score, swapped_prediction_loss
 from .metrics import cluster_metrics, frequency_groups, hungarian_match, kmeans_clusters, remap_clusters

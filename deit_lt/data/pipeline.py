@@ -104,6 +104,14 @@ class TrainBatches(abc.ABC):
     def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Yield the micro-batches of `epoch` from `start_step` on."""
 
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """This process's dataset indices of `epoch`, in micro-batch order (`step_positions` cuts them)."""
+        return self._epoch_indices(epoch)
+
+    def step_positions(self, step: int) -> range:
+        """Positions in `epoch_indices` of micro-batch `step`."""
+        return self._positions(step)
+
     def attach_run_dir(self, run_dir) -> None:
         """Name the run folder that receives `skipped_images.json` (data.bad_images=skip; one file per rank, the
         validation and test splits included). Call once per process before the first epoch."""

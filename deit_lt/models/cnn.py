@@ -24,8 +24,8 @@ __all__ = ['create_teacher_model', 'check_arch', 'cosine_cnn', 'display_arch', '
 
 # Registry names whose constructor takes `use_norm` itself (the others get a cosine head through `cosine_cnn`).
 NATIVE_USE_NORM = ('resnet32', 'resnet32_aglu', 'se_resnet32', 'se_resnet32_apa', 'resnet50_aglu', 'se_resnet50',
-                   'se_resnet50_apa', 'se_resnext50_32x4d_apa', 'ride_resnet32', 'ride_resnet50', 'ride_resnext50_32x4d',
-                   'mdcs_resnet32', 'mdcs_resnet50', 'mdcs_resnext50_32x4d')
+                   'se_resnet50_apa', 'se_resnext50_32x4d_apa', 'ride_resnet32', 'ride_resnet50',
+                   'ride_resnext50_32x4d', 'mdcs_resnet32', 'mdcs_resnet50', 'mdcs_resnext50_32x4d')
 # Arguments a teacher's config may not set through model.kwargs: they come from the data and the loss.
 _RESERVED_KWARGS = ('num_classes', 'in_chans', 'use_norm', 'pretrained', 'backbone')
 

@@ -117,6 +117,9 @@ def create_model_from_checkpoint(path: str | os.PathLike, device: str | torch.de
     if meta.get('kind') == 'ncm':
         raise CheckpointError(f'{path} holds nearest-class-mean centroids, not a network; load it with '
                               f'deit_lt.rebalance.load_ncm')
+    if meta.get('arch') == 'p2ot_cluster':   # a clustering run's model (tools/cluster.py): its own loader
+        from ..cluster.model import load_cluster_model
+        return load_cluster_model(path, device=device)
     model = create_model_from_meta(meta, **overrides)
     load_state_dict_checked(model, state_dict, str(path))
     return model.to(device).eval(), meta

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 from ..checkpoint import read_model_meta
-from ..config import (ConfigError, DataConfig, EvalAugConfig, EvalRuntimeConfig, WandbConfig, apply_overrides, from_dict,
-                      load_yaml_with_bases)
+from ..config import (ConfigError, DataConfig, EvalAugConfig, EvalRuntimeConfig, WandbConfig, apply_overrides,
+                      from_dict, load_yaml_with_bases)
 
 __all__ = ['METHOD_NAMES', 'FeatureConfig', 'HeadTrainingConfig', 'CRTConfig', 'LWSConfig',
            'TauNormConfig', 'NCMConfig', 'RebalanceConfig', 'resolve_methods', 'load_rebalance_config',

@@ -4,8 +4,9 @@ The stage-1 classifier is discarded: a fresh `nn.Linear` (PyTorch's default init
 deliberately does not load the stage-1 classifier) is trained with cross-entropy on the frozen features under
 class-balanced sampling (4 images per class visit). For a distilled student both heads are re-initialised and
 trained on the ground-truth labels by default ("cRT-both"); `crt.heads=[cls]` re-trains only the CLS head and keeps
-the DIST head, which DeiT-LT already re-balances with DRW ("cRT-CLS"; DeiT-LT's own ViT + cRT baseline re-trains the classifier of a single-head ViT). The result is a
-linear head per predictor, so it saves as an ordinary model file.
+the DIST head, which DeiT-LT already re-balances with DRW ("cRT-CLS"; DeiT-LT's own ViT + cRT baseline re-trains
+the classifier of a single-head ViT). The result is a linear head per predictor, so it saves as an ordinary model
+file.
 """
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ epoch costs a few matrix products.
 
 Departures from the official code, on purpose: the cosine schedule is per step from lr to 0 (the original steps a
 per-epoch scheduler at the start of each epoch, so its first epoch already runs below lr and its last at lr 0:
-facebookresearch/classifier-balancing `run_networks.py`, scheduler stepped before the epoch's batches); the best epoch on the val split is kept per head (the original keeps one best
-epoch for its single classifier).
+facebookresearch/classifier-balancing `run_networks.py`, scheduler stepped before the epoch's batches); the best
+epoch on the val split is kept per head (the original keeps one best epoch for its single classifier).
 """
 from __future__ import annotations
 

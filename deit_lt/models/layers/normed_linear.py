@@ -2,7 +2,8 @@
 
 Cao et al., "Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss", NeurIPS 2019, and the
 Saddle-LongTail teachers (kaidic/LDAM-DRW `models/resnet_cifar.py` NormedLinear):
-logit_j = <f / ||f||, v_j / ||v_j||> in [-1, 1]. The weight is stored as (in_features, num_classes), the transpose of `nn.Linear`, and there is no bias, so released LDAM
+logit_j = <f / ||f||, v_j / ||v_j||> in [-1, 1]. The weight is stored as (in_features, num_classes), the transpose
+of `nn.Linear`, and there is no bias, so released LDAM
 checkpoints (`linear.weight` of shape (64, C) for ResNet-32, `fc.weight` (2048, C) for ResNet-50) load unchanged.
 The scale s = 30 belongs to the loss, not the module: a loaded LDAM teacher outputs raw cosines.
 """
