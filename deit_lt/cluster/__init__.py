@@ -3,7 +3,7 @@
 Model-independent core (exported here):
 
 - `ot`: entropic partial OT with a virtual cluster and KL-relaxed cluster sizes (`partial_ot`, `P2OTSolver`), the
-  rho and lam1 schedules, the k-NN similarity and SP²OT's majorisation-minimisation (`SP2OTSolver`);
+  rho and lam1 schedules; `sp2ot`: the k-NN similarity and SP²OT's majorisation-minimisation (`SP2OTSolver`);
 - `losses`: swapped-prediction loss, FIFO memory bank, per-step pseudo-labels, label-free model selection score;
 - `metrics`: Hungarian-matched ACC (class-mean recall), overall accuracy, NMI, ARI, macro F1, head/mid/tail
   accuracy, and a k-means baseline.
@@ -17,8 +17,8 @@ Training (`tools/cluster.py`; import the modules directly, they pull in timm and
 """
 from .losses import MemoryBank, SwappedPredictionLoss, pseudo_labels, selection_score, swapped_prediction_loss
 from .metrics import cluster_metrics, frequency_groups, hungarian_match, kmeans_clusters, remap_clusters
-from .ot import (OT_MODES, KNNGraph, MMResult, OTPlan, P2OTSolver, SP2OTSolver, SparseSimilarity, cost_from_logits,
-                 knn_similarity, mm_partial_ot, mm_weight, partial_ot, rho_schedule, sigmoid_rampup)
+from .ot import OT_MODES, OTPlan, P2OTSolver, cost_from_logits, mm_weight, partial_ot, rho_schedule, sigmoid_rampup
+from .sp2ot import KNNGraph, MMResult, SP2OTSolver, SparseSimilarity, knn_similarity, mm_partial_ot
 
 __all__ = [
     'OT_MODES', 'OTPlan', 'partial_ot', 'cost_from_logits', 'P2OTSolver', 'sigmoid_rampup', 'rho_schedule',

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ot import KNNGraph, P2OTSolver, SP2OTSolver
+from .ot import P2OTSolver
+from .sp2ot import KNNGraph, SP2OTSolver
 
 __all__ = ['swapped_prediction_loss', 'SwappedPredictionLoss', 'MemoryBank', 'pseudo_labels', 'selection_score']
 

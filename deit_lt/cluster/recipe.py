@@ -63,7 +63,8 @@ from .config import ClusterConfig, ClusterTrainConfig, validate_config
 from .losses import pseudo_labels, selection_score, swapped_prediction_loss
 from .metrics import UNMATCHED, cluster_metrics, kmeans_clusters
 from .model import CLUSTER_ARCH, ClusterModel, OTState, create_backbone, set_trainable
-from .ot import KNNGraph, P2OTSolver, SP2OTSolver, knn_similarity, rho_schedule
+from .ot import P2OTSolver, rho_schedule
+from .sp2ot import KNNGraph, SP2OTSolver, knn_similarity
 
 __all__ = ['IndexedBatch', 'IndexedTrainBatches', 'PseudoLabeller', 'cluster_report', 'cluster_parts',
            'train_cluster', 'TRAIN_SPLIT']
@@ -343,6 +344,53 @@ def _build_graph(model: ClusterModel, batches: EvalBatches, cfg: ClusterConfig, 
     return knn_similarity(feats.to(next(model.parameters()).device), k=cfg.knn, sigma=cfg.knn_sigma)
 
 
+class ClusterStep:
+    """What a clustering run does per epoch and micro-batch: fill the memory banks at an epoch start, solve the OT
+    problem for the pseudo-labels of a micro-batch (once: SAM-style second passes reuse them), the swapped-prediction
+    loss of every head, and the label-free selection score."""
+
+    def __init__(self, model: ClusterModel, labeller: 'PseudoLabeller', batches: IndexedTrainBatches, c, gather,
+                 autocast):
+        self.model, self.labeller, self.batches, self.c, self.gather, self.autocast = (model, labeller, batches, c,
+                                                                                      gather, autocast)
+
+    def on_epoch(self, epoch: int) -> dict[str, Any]:
+        self.labeller.fill_banks(self.model, self.batches, epoch, self.autocast)
+        return {'rho_end': self.labeller.rho_end(epoch), 'bank': self.labeller.use_bank(epoch)}
+
+    def prepare(self, batch: IndexedBatch) -> ClusterInputs:
+        return ClusterInputs(torch.cat([batch.x, batch.views[0]]), batch.ids, batch.epoch, batch.step)
+
+    def loss(self, net: nn.Module, inputs: ClusterInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = net(inputs.x)                                                # (H, 2B, K)
+        b = inputs.ids.shape[0]
+        first = inputs.targets is None
+        if first:
+            inputs.targets = self.labeller.targets(logits, inputs.ids, inputs.epoch, inputs.step)
+        losses = torch.stack([swapped_prediction_loss([z[:b], z[b:]], [t[0], t[1]])
+                              for z, t in zip(logits, inputs.targets)])
+        if first:   # the epoch's head losses over all processes (the evaluated head is the lowest)
+            self.model.ot_state.add_losses(self.gather(losses.detach()[None]).mean(0), inputs.epoch)
+        mass = inputs.targets[:, 0].sum(-1).mean()                           # selected mass per sample, ~ rho
+        stats = {f'loss_head{h}': v.detach() for h, v in enumerate(losses)}
+        stats.update(rho=losses.new_tensor(self.labeller.rho(inputs.epoch, inputs.step)), mass=mass.detach())
+        return losses.sum(), stats
+
+    def selection(self, report: dict, record: dict) -> float:
+        """Label-free: minus the lowest head's mean epoch loss / rho at the epoch's end (higher is better). The loss
+        sums of `OTState` cover the whole epoch even when it was resumed inside (the run loop's training record then
+        covers only the resumed part)."""
+        state = self.model.ot_state
+        if int(state.loss_epoch) == record['epoch']:
+            mean_loss = float(state.loss_sum.min()) / len(self.batches)
+        else:
+            losses = [record.get('train', {}).get(f'loss_head{h}') for h in range(self.c.num_heads)]
+            if any(v is None for v in losses):
+                return -math.inf
+            mean_loss = min(losses)
+        return -selection_score(mean_loss, self.labeller.rho_end(record['epoch']))
+
+
 def cluster_parts(cfg: ClusterTrainConfig, accelerator, return_train_split: bool = False
                   ) -> RunParts | tuple[RunParts, EvalBatches | None]:
     """Build the clustering run (backbone + heads, OT pseudo-labeller, Adam, schedule, two-view data, evaluation,
@@ -393,41 +441,7 @@ def cluster_parts(cfg: ClusterTrainConfig, accelerator, return_train_split: bool
                               accum_steps=cfg.optim.accum_steps, graph=graph, gather=gather,
                               rank=accelerator.process_index, world=accelerator.num_processes)
 
-    def on_epoch(epoch: int) -> dict[str, Any]:
-        labeller.fill_banks(model, batches, epoch, autocast)
-        return {'rho_end': labeller.rho_end(epoch), 'bank': labeller.use_bank(epoch)}
-
-    def prepare(batch: IndexedBatch) -> ClusterInputs:
-        return ClusterInputs(torch.cat([batch.x, batch.views[0]]), batch.ids, batch.epoch, batch.step)
-
-    def loss_fn(net: nn.Module, inputs: ClusterInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = net(inputs.x)                                                # (H, 2B, K)
-        b = inputs.ids.shape[0]
-        first = inputs.targets is None
-        if first:
-            inputs.targets = labeller.targets(logits, inputs.ids, inputs.epoch, inputs.step)
-        losses = torch.stack([swapped_prediction_loss([z[:b], z[b:]], [t[0], t[1]])
-                              for z, t in zip(logits, inputs.targets)])
-        if first:   # the epoch's head losses over all processes (the evaluated head is the lowest)
-            model.ot_state.add_losses(gather(losses.detach()[None]).mean(0), inputs.epoch)
-        mass = inputs.targets[:, 0].sum(-1).mean()                           # selected mass per sample, ~ rho
-        stats = {f'loss_head{h}': v.detach() for h, v in enumerate(losses)}
-        stats.update(rho=losses.new_tensor(labeller.rho(inputs.epoch, inputs.step)), mass=mass.detach())
-        return losses.sum(), stats
-
-    def selection(report: dict, record: dict) -> float:
-        """Label-free: minus the lowest head's mean epoch loss / rho at the epoch's end (higher is better). The loss
-        sums of `OTState` cover the whole epoch even when it was resumed inside (the run loop's training record then
-        covers only the resumed part)."""
-        state = model.ot_state
-        if int(state.loss_epoch) == record['epoch']:
-            mean_loss = float(state.loss_sum.min()) / len(batches)
-        else:
-            losses = [record.get('train', {}).get(f'loss_head{h}') for h in range(c.num_heads)]
-            if any(v is None for v in losses):
-                return -math.inf
-            mean_loss = min(losses)
-        return -selection_score(mean_loss, labeller.rho_end(record['epoch']))
+    step = ClusterStep(model, labeller, batches, c, gather, autocast)
 
     meta = model_meta(data, cfg.data, arch=CLUSTER_ARCH, model_kwargs={}, img_size=img_size, config=cfg,
                       kind='cluster', backbone={'arch': arch, 'model_kwargs': bb_kwargs}, feature_dim=feat_dim,
@@ -443,13 +457,13 @@ def cluster_parts(cfg: ClusterTrainConfig, accelerator, return_train_split: bool
                    f'{c.bank_size or "off"}, eps {c.epsilon:g}, lam {c.lam:g}, rho {c.rho0:g} -> {c.rho_max:g}; '
                    f'global batch {cfg.optim.batch_size}, {cfg.optim.opt} lr {cfg.optim.lr:g}')
     parts = RunParts(kind='cluster', model=model, optimizer=optimizer, scheduler=scheduler, train_batches=batches,
-                     eval_batches=eval_batches, loss_fn=loss_fn, meta=meta, train_counts=train.train_counts.tolist(),
-                     groups=groups, class_names=train.class_names, prepare=prepare, on_epoch=on_epoch,
+                     eval_batches=eval_batches, loss_fn=step.loss, meta=meta, train_counts=train.train_counts.tolist(),
+                     groups=groups, class_names=train.class_names, prepare=step.prepare, on_epoch=step.on_epoch,
                      update=PlainUpdate(cfg.optim.clip_grad), accum_steps=cfg.optim.accum_steps,
                      description=description, compile=want_compile(cfg.runtime.compile, device),
                      files={'class_map': {'student_label_of_original_id': train.class_map.tolist()}}
                      if train.class_map is not None else {},
-                     evaluate=evaluator, selection=selection, headline='clusters')
+                     evaluate=evaluator, selection=step.selection, headline='clusters')
     return (parts, train_eval if c.eval_train else None) if return_train_split else parts
 
 
