@@ -36,6 +36,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from einops import rearrange
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -136,10 +137,10 @@ class MDCSLoss(nn.Module):
         offsets = self.prior_offsets.unsqueeze(1)                        # (E, 1, C)
         weak = expert_logits_weak.float() + offsets
         strong = expert_logits_strong.float() + offsets
-        num_classes = weak.shape[2]
         both = torch.cat([weak, strong], dim=1)                          # (E, 2B, C): the official 2B-row batch
-        ce = F.cross_entropy(both.reshape(-1, num_classes), targets.repeat(2).repeat(self.num_experts),
-                             reduction='none').view(self.num_experts, -1).mean(1).sum()
+        ce = F.cross_entropy(rearrange(both, 'e n c -> (e n) c'), targets.repeat(2).repeat(self.num_experts),
+                             reduction='none')
+        ce = rearrange(ce, '(e n) -> e n', e=self.num_experts).mean(1).sum()
         masks = cis_masks(weak.detach(), targets)                        # (E, B)
         teacher = F.softmax(weak.detach(), dim=2)
         # KL(P || Q) per sample; P is detached, so the CS gradient reaches the strong view only.

@@ -104,8 +104,11 @@ def test_cli_run_learns_and_writes_outputs(cli_run):
     assert [h['drw'] for h in hist] == [False] * 16 + [True] * 4
     assert [h['lr'] for h in hist] == pytest.approx([0.05] + [0.1] * 15 + [1e-3] * 2 + [1e-5] * 2)
     assert all(h['rho'] == 0.1 for h in hist)
-    # DRW lifts the tail: the last epoch's tail accuracy beats the one before the switch.
-    assert hist[-1]['test']['logits']['tail'] > hist[15]['test']['logits']['tail']
+    # The DRW phase (with its lr decay) lifts the tail: mean tail accuracy of the 4 DRW epochs against the 4 before.
+    # Single epochs at lr 0.1 swing by 10+ points between CPU instruction sets; the 4-epoch means were
+    # 44.0 -> 54.8 (default), 34.6 -> 45.8 (avx2), 30.2 -> 51.2 (avx512).
+    tail = [h['test']['logits']['tail'] for h in hist]
+    assert sum(tail[16:]) / 4 > sum(tail[12:16]) / 4 + 5, tail
     for f in ('config.yaml', 'class_counts.json', 'best.safetensors', 'last.safetensors', 'per_class_accuracy.png',
               'log.jsonl'):
         assert (out / f).is_file(), f

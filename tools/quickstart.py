@@ -142,6 +142,62 @@ def _shown(cmd: list[str]) -> str:
     return ' '.join(shlex.quote(c) for c in parts)
 
 
+def stage_commands(out: Path, scale: float, wandb: str) -> dict[str, list[str]]:
+    """The command line of each quickstart stage, outputs under `out`."""
+    # progress on: stage output is a pipe, so it comes as a plain line at most every 10 s
+    # the demo regenerates its outputs on every run: its output folders are taken over, not resumed
+    common = [f'wandb.mode={wandb}', 'runtime.progress=true', 'runtime.overwrite=true'] + \
+        ([f'optim.epochs_scale={scale:g}'] if scale != 1.0 else [])
+    teacher = [sys.executable, str(REPO / 'tools' / 'train_teacher.py'), '--config',
+               str(REPO / 'configs' / 'teachers' / 'digits_lt.yaml'), f'runtime.output_dir={out / "teacher"}', *common]
+    vit = [sys.executable, *ACCELERATE_CPU, TRAIN, '--config', str(REPO / 'configs' / 'digits_lt' / 'vit.yaml'),
+           f'runtime.output_dir={out / "vit"}', *common]
+    deit = [sys.executable, *ACCELERATE_CPU, TRAIN, '--config', str(REPO / 'configs' / 'digits_lt' / 'deit_lt.yaml'),
+            f'teacher.checkpoint={out / "teacher" / "last.safetensors"}', f'runtime.output_dir={out / "deit_lt"}',
+            *common]
+    rebalance = [sys.executable, str(REPO / 'tools' / 'rebalance.py'), '--checkpoint',
+                 str(out / 'vit' / 'last.safetensors'), '--method', 'crt,tau_norm', '--config',
+                 str(REPO / 'configs' / 'rebalance' / 'digits_lt.yaml'), f'runtime.output_dir={out / "vit_rebalance"}',
+                 f'wandb.mode={wandb}', 'runtime.progress=true']
+    # analyze.py's progress bars are tqdm's own (carriage-return frames in a pipe); its log names each model instead
+    analyze = [sys.executable, str(REPO / 'tools' / 'analyze.py'), '--checkpoint', str(out / 'deit_lt'),
+               '--compare', str(out / 'vit'), str(out / 'teacher'), '--labels', 'DeiT-LT,ViT,teacher',
+               '--out', str(out / 'analysis'), f'wandb.mode={wandb}', 'progress=false']
+    collect = [sys.executable, str(REPO / 'tools' / 'collect_results.py'), str(out / 'teacher'), str(out / 'vit'),
+               str(out / 'deit_lt'), str(out / 'vit_rebalance'), '--out', str(out / 'results'), '--table']
+    return {'teacher': teacher, 'vit': vit, 'deit_lt': deit, 'vit+crt': rebalance, 'analyze': analyze,
+            'collect': collect}
+
+
+def print_summary(out: Path, rows: list[dict], png: Path, cmds: dict[str, list[str]], analyzed: bool,
+                  seconds: float) -> None:
+    """The results table, the tail verdict, where the outputs are and what to run next."""
+    print('\n' + format_rows(rows))
+    vit_tail = next(r['tail'] for r in rows if r['model'] == 'ViT (no teacher)')
+    dist_tail = next(r['tail'] for r in rows if r['model'] == 'DeiT-LT DIST')
+    if vit_tail is not None and dist_tail is not None:
+        verdict = 'above' if dist_tail > vit_tail + 1 else 'below' if dist_tail < vit_tail - 1 else 'level with'
+        print(f'\nfew-shot (tail) classes: DeiT-LT DIST {dist_tail:.1f}% is {verdict} the ViT\'s {vit_tail:.1f}% '
+              f'(test split, final epochs)')
+    print(f'\n[quickstart] done in {seconds:.0f} s. Outputs:')
+    outputs = [('summary', out / 'summary.json'), ('per-class plot', png), ('teacher', out / 'teacher'),
+               ('ViT', out / 'vit'), ('DeiT-LT', out / 'deit_lt'), ('rebalancing', out / 'vit_rebalance')]
+    if analyzed:
+        outputs.append(('analysis', out / 'analysis'))
+    for label, path in outputs + [('stage logs', out / '*.log')]:
+        print(f'  {label:<15} {path}')
+    wandb_runs = sorted(out.glob('*/wandb/offline-run-*'))
+    for i, w in enumerate(wandb_runs):
+        print(f'  {"W&B offline" if i == 0 else "":<15} {w}')
+    if wandb_runs:
+        print(f'  {"":<15} (upload with: wandb sync {out}/*/wandb/offline-run-*)')
+    print('\nNext steps:')
+    if not analyzed:
+        print(f'  the DeiT-LT analyses (attention distance, feature rank, CLS/DIST expertise, calibration):\n'
+              f'    {_shown(cmds["analyze"])}')
+    print(f'  results records and their table:\n    {_shown(cmds["collect"])}')
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -159,28 +215,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
-    # progress on: stage output is a pipe, so it comes as a plain line at most every 10 s
-    # the demo regenerates its outputs on every run: its output folders are taken over, not resumed
-    common = [f'wandb.mode={args.wandb}', 'runtime.progress=true', 'runtime.overwrite=true'] + \
-        ([f'optim.epochs_scale={args.scale:g}'] if args.scale != 1.0 else [])
-    teacher = [sys.executable, str(REPO / 'tools' / 'train_teacher.py'), '--config',
-               str(REPO / 'configs' / 'teachers' / 'digits_lt.yaml'), f'runtime.output_dir={out / "teacher"}', *common]
-    vit = [sys.executable, *ACCELERATE_CPU, TRAIN, '--config', str(REPO / 'configs' / 'digits_lt' / 'vit.yaml'),
-           f'runtime.output_dir={out / "vit"}', *common]
-    deit = [sys.executable, *ACCELERATE_CPU, TRAIN, '--config', str(REPO / 'configs' / 'digits_lt' / 'deit_lt.yaml'),
-            f'teacher.checkpoint={out / "teacher" / "last.safetensors"}', f'runtime.output_dir={out / "deit_lt"}',
-            *common]
-    rebalance = [sys.executable, str(REPO / 'tools' / 'rebalance.py'), '--checkpoint',
-                 str(out / 'vit' / 'last.safetensors'), '--method', 'crt,tau_norm', '--config',
-                 str(REPO / 'configs' / 'rebalance' / 'digits_lt.yaml'), f'runtime.output_dir={out / "vit_rebalance"}',
-                 f'wandb.mode={args.wandb}', 'runtime.progress=true']
-    # analyze.py's progress bars are tqdm's own (carriage-return frames in a pipe); its log names each model instead
-    analyze = [sys.executable, str(REPO / 'tools' / 'analyze.py'), '--checkpoint', str(out / 'deit_lt'),
-               '--compare', str(out / 'vit'), str(out / 'teacher'), '--labels', 'DeiT-LT,ViT,teacher',
-               '--out', str(out / 'analysis'), f'wandb.mode={args.wandb}', 'progress=false']
-    phases = [[('teacher', teacher), ('vit', vit)], [('deit_lt', deit), ('vit+crt', rebalance)]]
+    cmds = stage_commands(out, args.scale, args.wandb)
+    phases = [[(n, cmds[n]) for n in ('teacher', 'vit')], [(n, cmds[n]) for n in ('deit_lt', 'vit+crt')]]
     if args.analyze:
-        phases.append([('analyze', analyze)])
+        phases.append([('analyze', cmds['analyze'])])
     cores = os.cpu_count() or 1
     print(f'[quickstart] digits_lt (scikit-learn digits, long-tailed IF 10), {cores} cores, schedules x{args.scale:g}, '
           f'outputs in {out}', flush=True)
@@ -196,32 +234,7 @@ def main(argv=None) -> int:
     png = plot(out)
     (out / 'summary.json').write_text(json.dumps({'rows': rows, 'wall_time_s': round(time.time() - t0, 1),
                                                   'scale': args.scale, 'analysis': args.analyze}, indent=1))
-    print('\n' + format_rows(rows))
-    vit_tail = next(r['tail'] for r in rows if r['model'] == 'ViT (no teacher)')
-    dist_tail = next(r['tail'] for r in rows if r['model'] == 'DeiT-LT DIST')
-    if vit_tail is not None and dist_tail is not None:
-        verdict = 'above' if dist_tail > vit_tail + 1 else 'below' if dist_tail < vit_tail - 1 else 'level with'
-        print(f'\nfew-shot (tail) classes: DeiT-LT DIST {dist_tail:.1f}% is {verdict} the ViT\'s {vit_tail:.1f}% '
-              f'(test split, final epochs)')
-    print(f'\n[quickstart] done in {time.time() - t0:.0f} s. Outputs:')
-    outputs = [('summary', out / 'summary.json'), ('per-class plot', png), ('teacher', out / 'teacher'),
-               ('ViT', out / 'vit'), ('DeiT-LT', out / 'deit_lt'), ('rebalancing', out / 'vit_rebalance')]
-    if args.analyze:
-        outputs.append(('analysis', out / 'analysis'))
-    for label, path in outputs + [('stage logs', out / '*.log')]:
-        print(f'  {label:<15} {path}')
-    wandb_runs = sorted(out.glob('*/wandb/offline-run-*'))
-    for i, w in enumerate(wandb_runs):
-        print(f'  {"W&B offline" if i == 0 else "":<15} {w}')
-    if wandb_runs:
-        print(f'  {"":<15} (upload with: wandb sync {out}/*/wandb/offline-run-*)')
-    print('\nNext steps:')
-    if not args.analyze:
-        print(f'  the DeiT-LT analyses (attention distance, feature rank, CLS/DIST expertise, calibration):\n'
-              f'    {_shown(analyze)}')
-    collect_cmd = [sys.executable, str(REPO / 'tools' / 'collect_results.py'), str(out / 'teacher'), str(out / 'vit'),
-                   str(out / 'deit_lt'), str(out / 'vit_rebalance'), '--out', str(out / 'results'), '--table']
-    print(f'  results records and their table:\n    {_shown(collect_cmd)}')
+    print_summary(out, rows, png, cmds, args.analyze, time.time() - t0)
     return 0
 
 

@@ -165,6 +165,26 @@ def _run_pass(model: nn.Module, batches, *, teacher: nn.Module | None, desc: str
     return logits, (torch.cat(t_parts) if t_parts else None), torch.cat(ys).long()
 
 
+def _probe_meters(m: nn.Module, analyses: list[str], device: torch.device,
+                  out: dict[str, Any]) -> tuple[AttentionDistanceMeter | None, FeatureRecorder | None]:
+    """The attention-distance meter and feature recorder the analyses need; a skip reason in `out` where the model
+    has nothing to measure."""
+    meter, recorder = None, None
+    if 'attention' in analyses:
+        mods = attention_modules(m)
+        if mods and hasattr(m, 'patch_embed'):
+            meter = AttentionDistanceMeter(len(mods), mods[0][1].num_heads, int(m.num_prefix_tokens),
+                                           tuple(m.patch_embed.grid_size), tuple(m.patch_embed.patch_size), device)
+        else:
+            out['attention'] = {'skipped': f'{type(m).__name__} has no timm Attention blocks over image patches'}
+    if 'rank' in analyses:
+        try:
+            recorder = FeatureRecorder(m)
+        except ValueError as e:
+            out['rank'] = {'skipped': str(e)}
+    return meter, recorder
+
+
 def analyse_checkpoint(path: Path, label: str, cfg: AnalysisConfig, analyses: list[str], split: LTDataset,
                        probe: LTDataset, train_counts: list[int], device: torch.device,
                        teacher_cache: dict | None = None) -> dict[str, Any]:
@@ -215,19 +235,7 @@ def analyse_checkpoint(path: Path, label: str, cfg: AnalysisConfig, analyses: li
         'training_wandb_id': _training_wandb_id(path),
     }}
     m = unwrap_model(model)
-    meter, recorder = None, None
-    if 'attention' in analyses:
-        mods = attention_modules(m)
-        if mods and hasattr(m, 'patch_embed'):
-            meter = AttentionDistanceMeter(len(mods), mods[0][1].num_heads, int(m.num_prefix_tokens),
-                                           tuple(m.patch_embed.grid_size), tuple(m.patch_embed.patch_size), device)
-        else:
-            out['attention'] = {'skipped': f'{type(m).__name__} has no timm Attention blocks over image patches'}
-    if 'rank' in analyses:
-        try:
-            recorder = FeatureRecorder(m)
-        except ValueError as e:
-            out['rank'] = {'skipped': str(e)}
+    meter, recorder = _probe_meters(m, analyses, device, out)
     full = len(probe) == len(split)
     need_logits = any(a in analyses for a in ('expertise', 'calibration'))
     logits = t_logits = targets = None

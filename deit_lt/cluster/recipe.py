@@ -44,6 +44,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from einops import rearrange
 import numpy as np
 import torch
 from torch import nn
@@ -186,7 +187,7 @@ class PseudoLabeller:
             for b in batches.iter_epoch(epoch, max(0, len(batches) - need)):
                 with autocast():
                     z = model(b.x).float()                                 # (H, B, K)
-                z = self.gather(z.permute(1, 0, 2).contiguous())           # (world B, H, K)
+                z = self.gather(rearrange(z, 'h b k -> b h k').contiguous())  # (world B, H, K)
                 ids = self.gather(b.ids)
                 for h, bank in enumerate(self.state.banks):
                     bank.enqueue(z[:, h], ids)
@@ -206,7 +207,7 @@ class PseudoLabeller:
         """
         h_, two_b, k = logits.shape
         b = two_b // 2
-        z = logits.detach().float().reshape(h_, 2, b, k).permute(2, 0, 1, 3).contiguous()   # (B, H, 2, K)
+        z = rearrange(logits.detach().float(), 'h (v b) k -> b h v k', v=2).contiguous()   # (B, H, 2, K)
         z, gids = self.gather(z), self.gather(ids)
         rho = self.rho(epoch, step)
         use_bank = self.use_bank(epoch)
@@ -275,7 +276,7 @@ def _collect(model: ClusterModel, batches: EvalBatches, gather, autocast, *, fea
                 f = model.forward_features(x)
                 z = model.forward_heads(f).float()                            # (H, B, K)
             k = min(5, z.shape[-1])
-            items = {'top': z.topk(k, dim=-1).indices.permute(1, 0, 2), 'y': y}
+            items = {'top': rearrange(z.topk(k, dim=-1).indices, 'h b k -> b h k'), 'y': y}
             if features:
                 items['features'] = f.float()
             if pixels:

@@ -9,6 +9,7 @@ import pickle
 import zipfile
 from pathlib import Path
 
+from einops import rearrange
 import numpy as np
 from PIL import Image
 
@@ -50,7 +51,7 @@ def _read_cifar_pickle(path: Path) -> dict:
 
 def _cifar_from_pickles(folder: Path, num_classes: int) -> dict:
     def to_hwc(data):
-        return np.ascontiguousarray(np.asarray(data, np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        return np.ascontiguousarray(rearrange(np.asarray(data, np.uint8), 'n (c h w) -> n h w c', c=3, h=32, w=32))
     if num_classes == 10:
         parts = [_read_cifar_pickle(folder / f'data_batch_{i}') for i in range(1, 6)]
         test = _read_cifar_pickle(folder / 'test_batch')

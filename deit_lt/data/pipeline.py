@@ -22,6 +22,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+from einops import rearrange
 import numpy as np
 import torch
 import torch.utils.data
@@ -135,7 +136,8 @@ class DeviceTrainBatches(TrainBatches):
         self.view_augments = [DeviceAugment(v, img_size, in_chans=dataset.in_chans, precise=precise)
                               for v in extra_views]
         # np.array copies: cached datasets are read-only memory maps, which torch.from_numpy warns about
-        self.images = torch.from_numpy(np.array(dataset.images)).permute(0, 3, 1, 2).contiguous().to(self.device)
+        images = rearrange(torch.from_numpy(np.array(dataset.images)), 'n h w c -> n c h w')
+        self.images = images.contiguous().to(self.device)
         self.targets = torch.from_numpy(dataset.targets).to(self.device)
         # only the deterministic part is compiled; parameters are drawn eagerly from the step's generator
         self._apply = torch.compile(self.augment.apply) if compile else self.augment.apply
@@ -332,7 +334,7 @@ class EvalBatches:
         if self.placement == 'device':
             from .gpu_aug import DeviceEvalTransform
             self.transform = DeviceEvalTransform(img_size, crop_pct, cfg.interpolation, mean, std)
-            self.images = torch.from_numpy(np.array(dataset.images)).permute(0, 3, 1, 2).contiguous()
+            self.images = rearrange(torch.from_numpy(np.array(dataset.images)), 'n h w c -> n c h w').contiguous()
             self.targets = torch.from_numpy(dataset.targets)
         else:
             tf = build_eval_transform(img_size, crop_pct, cfg.interpolation, mean, std, dataset.in_chans)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from einops import rearrange
 import torch
 import torch.nn.functional as F
 from timm.layers import SelectAdaptivePool2d, get_norm_layer
@@ -302,7 +303,7 @@ class ShikeResNetCifar(nn.Module):
         `pre_logits` or without heads (num_classes = 0)."""
         g = self._pool(x)
         if pre_logits or self.num_classes <= 0:
-            return g.transpose(0, 1).flatten(1)
+            return rearrange(g, 'e b c -> b (e c)')
         return self._expert_logits(g).mean(0)
 
     def forward_experts(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
