@@ -15,11 +15,11 @@ How README.md is read (the contract with its authors):
 - SUBSTITUTIONS, applied to each command before it runs (see `substitute`):
     data       `/data/...` and `../shared/data/...` -> the test data folder (tests/conftest.py DATA_DIR,
                $DEIT_LT_DATA); a command whose data file is not there is skipped with that reason.
-    schedules  tools/train.py and tools/train_teacher.py get `optim.epochs_scale=0.05` (digits_lt: 2 teacher and
+    schedules  tools/train.py, train_teacher.py and cluster.py get `optim.epochs_scale=0.05` (digits_lt: 2 teacher and
                3 student epochs), tools/quickstart.py `--scale 0.05`, unless the command sets its own
                (optim.epochs_scale, optim.epochs, runtime.max_steps; --scale).
-    W&B        train / train_teacher / rebalance / analyze get `wandb.mode=disabled`, quickstart `--wandb disabled`,
-               unless the command sets a mode.
+    W&B        train / train_teacher / rebalance / analyze / cluster get `wandb.mode=disabled`, quickstart
+               `--wandb disabled`, unless the command sets a mode.
     accelerate `accelerate launch` keeps its form but gets the values it would otherwise default and warn about
                (--num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no) where not given.
     outputs    relative output paths (runs/..., my_results/) land in the scratch folder under tmp_path;
@@ -157,9 +157,10 @@ def substitute(cmd: str) -> tuple[str, str | None]:
             if missing:
                 seg = re.sub(r'\baccelerate launch\b', f'accelerate launch {missing}', seg, count=1)
         extra = []
-        if tool in ('train', 'train_teacher') and not re.search(r'optim\.epochs(_scale)?=|runtime\.max_steps=', seg):
+        scheduled = re.search(r'optim\.epochs(_scale)?=|runtime\.max_steps=', seg)
+        if tool in ('train', 'train_teacher', 'cluster') and not scheduled:
             extra.append(f'optim.epochs_scale={EPOCHS_SCALE}')
-        if tool in ('train', 'train_teacher', 'rebalance', 'analyze') and 'wandb.mode=' not in seg:
+        if tool in ('train', 'train_teacher', 'rebalance', 'analyze', 'cluster') and 'wandb.mode=' not in seg:
             extra.append('wandb.mode=disabled')
         if tool == 'quickstart':
             extra += [] if '--scale' in seg else ['--scale', QUICKSTART_SCALE]
