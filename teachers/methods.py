@@ -109,6 +109,17 @@ def _accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (logits.detach().argmax(1) == labels).float().mean() * 100.0
 
 
+class ExpertLogitsMethod(TeacherMethod):
+    """A multi-expert method whose criterion reads every expert's logits, (E, B, C), and returns (loss, parts);
+    the logged accuracy is the ensemble's (`output`, the mean of the experts' logits)."""
+    criterion: nn.Module
+
+    def loss(self, model, batch, targets):
+        out = model(batch.x, return_experts=True)
+        loss, parts = self.criterion(out['logits'], targets)
+        return loss, parts | {'acc': _accuracy(out['output'], targets)}
+
+
 @register_method('ce')
 class CrossEntropyMethod(TeacherMethod):
     """Cross-entropy (with Mixup targets when configured), class-balanced re-weighted from `loss.drw_epoch` on."""

@@ -50,7 +50,7 @@ from deit_lt.losses import class_balanced_weights
 from deit_lt.models.multi_expert import MultiExpertResNet
 
 from .losses import ldam_margins
-from .methods import TeacherMethod, _accuracy, register_method
+from .methods import ExpertLogitsMethod, TeacherMethod, _accuracy, register_method
 
 __all__ = ['ride_diversity_temperatures', 'RIDELoss', 'prefix_correctness', 'router_targets', 'RouterLoss',
            'routed_outputs', 'RIDEMethod', 'RIDERouterMethod']
@@ -269,7 +269,7 @@ def _loss_error(e: Exception) -> ConfigError:
 
 
 @register_method('ride')
-class RIDEMethod(TeacherMethod):
+class RIDEMethod(ExpertLogitsMethod):
     """RIDE stage 1: LDAM + DRW per expert and the distribution-aware diversity loss, summed over experts.
 
     Reads `loss.drw_epoch` (also the switch of the per-class temperatures), `loss.max_m` and `loss.beta`;
@@ -291,11 +291,6 @@ class RIDEMethod(TeacherMethod):
     def on_epoch(self, epoch: int) -> dict[str, Any]:
         self.criterion.set_epoch(epoch)
         return {'drw': self.criterion.drw_active, 'class_temperatures': self.criterion.temperature_active}
-
-    def loss(self, model, batch, targets):
-        out = model(batch.x, return_experts=True)
-        loss, parts = self.criterion(out['logits'], targets)
-        return loss, parts | {'acc': _accuracy(out['output'], targets)}
 
 
 @register_method('ride_router')

@@ -46,7 +46,7 @@ from torch import nn
 from deit_lt.errors import ConfigError
 from deit_lt.models.shike import ShikeResNetCifar
 
-from .methods import TeacherMethod, _accuracy, register_method
+from .methods import ExpertLogitsMethod, register_method
 
 __all__ = ['ShikeLoss', 'BalancedSoftmaxLoss', 'hns_teacher_logits', 'shike_lr', 'warmup_cosine_lr',
            'ShikeMethod', 'ShikeStage2Method']
@@ -230,7 +230,7 @@ def _shike_model(model: nn.Module, method: str) -> ShikeResNetCifar:
 
 
 @register_method('shike')
-class ShikeMethod(TeacherMethod):
+class ShikeMethod(ExpertLogitsMethod):
     """SHIKE stage 1: CE + hardest-negative suppression + mutual distillation on the stage-1 heads.
 
     `loss.kwargs` are `ShikeLoss` options (all default to the official values). Train stage 2 afterwards with
@@ -250,14 +250,9 @@ class ShikeMethod(TeacherMethod):
     def setup(self, model: nn.Module) -> None:
         model.set_stage(1)          # also when model.init_from is a stage-2 file: train the stage-1 heads
 
-    def loss(self, model, batch, targets):
-        out = model(batch.x, return_experts=True)
-        loss, parts = self.criterion(out['logits'], targets)
-        return loss, parts | {'acc': _accuracy(out['output'], targets)}
-
 
 @register_method('shike_stage2')
-class ShikeStage2Method(TeacherMethod):
+class ShikeStage2Method(ExpertLogitsMethod):
     """SHIKE stage 2 (decoupled classifier re-training): balanced softmax on the stage-2 heads, all else frozen.
 
     Needs the stage-1 model file in `model.init_from`; `ShikeResNetCifar.set_stage(2)` freezes every parameter
@@ -285,8 +280,3 @@ class ShikeStage2Method(TeacherMethod):
 
     def setup(self, model: nn.Module) -> None:
         model.set_stage(2, freeze_bn_stats=self.freeze_bn_stats)
-
-    def loss(self, model, batch, targets):
-        out = model(batch.x, return_experts=True)
-        loss, parts = self.criterion(out['logits'], targets)
-        return loss, parts | {'acc': _accuracy(out['output'], targets)}

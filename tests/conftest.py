@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get('DEIT_LT_DATA', REPO.parent / 'shared' / 'data'))
@@ -23,3 +24,17 @@ def _isolated_env(monkeypatch, tmp_path_factory):
     cache = os.environ.get('DEIT_LT_TEST_CACHE') or str(tmp_path_factory.getbasetemp() / 'deit_lt_cache')
     monkeypatch.setenv('DEIT_LT_CACHE', cache)
     yield
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """One intra-op thread, and OMP_NUM_THREADS=1 for the accelerators and subprocesses a test starts (it also keeps
+    create_accelerator from resetting the count). The models of the tests are tiny: more threads gain nothing, and on
+    shared, busy cores OpenMP threads spin-wait (16 joint epochs took 13 s on one thread, 180 s on two under load)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv('OMP_NUM_THREADS', '1')
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+    mp.undo()

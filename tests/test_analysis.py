@@ -44,13 +44,7 @@ def _tool():
 FIGURES = ('attention_distance', 'feature_rank', 'feature_spectrum', 'expertise', 'classifier_norms', 'reliability')
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads gain nothing and spin-wait on shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 
 # --------------------------------------------------------------------------------------------------------------

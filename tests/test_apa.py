@@ -36,12 +36,7 @@ from deit_lt.optim import no_weight_decay_names, param_groups
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)      # the 2 cores are shared with other test runs
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 
 def _t(v) -> torch.Tensor:

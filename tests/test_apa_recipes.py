@@ -53,16 +53,7 @@ DATA = DataConfig(name='digits_lt', imb_factor=10, val_per_class=20)
 QUIET = ['wandb.mode=disabled', 'runtime.progress=false', 'runtime.log_every=1', 'runtime.eval_every=100']
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    """The 2 cores are shared with other test runs; OMP_NUM_THREADS also keeps create_accelerator's thread count."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv('OMP_NUM_THREADS', '1')
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-    mp.undo()
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 
 def _apa_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from conftest import REPO
@@ -33,14 +32,7 @@ TEACHER_CFG = str(REPO / 'configs' / 'teachers' / 'digits_lt.yaml')
 CLUSTER_CFG = str(REPO / 'configs' / 'cluster' / 'digits_lt.yaml')
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    # the cores are shared with other test runs; OMP_NUM_THREADS also keeps create_accelerator from resetting it
-    monkeypatch.setenv('OMP_NUM_THREADS', '1')
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 
 def _tool(name: str):

@@ -34,14 +34,7 @@ SHORT = ['model.name=deit_micro_patch2_8', 'model.checkpoint=null', 'model.train
          'runtime.log_every=5', 'runtime.progress=false', 'wandb.mode=disabled']
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    # the 2 cores are shared with other test runs; OMP_NUM_THREADS also stops create_accelerator from resetting it
-    monkeypatch.setenv('OMP_NUM_THREADS', '1')
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 
 def _main(argv: list[str]) -> tuple[int, str, str]:

@@ -21,12 +21,7 @@ COUNTS = (100, 10, 1)
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)      # the 2 cores are shared with other test runs
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 
 def test_prior_offsets():

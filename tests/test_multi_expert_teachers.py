@@ -58,14 +58,7 @@ STAGE1_OVERRIDES = {'ride': ['loss.drw_epoch=0', 'optim.milestones=[1]'], 'mdcs'
                     'shike': []}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    # The 2 cores are shared with other test runs; OMP_NUM_THREADS also stops create_accelerator from resetting it.
-    monkeypatch.setenv('OMP_NUM_THREADS', '1')
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 
 def _stage1_config(path: Path) -> Path | None:

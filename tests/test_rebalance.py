@@ -63,14 +63,7 @@ def _meta(arch, num_classes, ds, model_kwargs, kind='student'):
             'splits': ds.splits.as_dict(), 'epoch': 0, 'config': to_dict(cfg)}
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    """The models here are tiny: intra-op threads gain nothing, and on shared, busy cores OpenMP threads spin-wait
-    (16 joint epochs took 13 s on one thread, 180 s on two under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 
 @pytest.fixture(scope='module')

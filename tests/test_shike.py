@@ -27,12 +27,7 @@ from teachers.shike import BalancedSoftmaxLoss, ShikeLoss, hns_teacher_logits, s
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)      # the 2 cores are shared with other test runs
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 
 def _oracle_batch() -> tuple[torch.Tensor, torch.Tensor]:

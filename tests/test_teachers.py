@@ -31,12 +31,7 @@ from teachers import TeacherLoss, ldam_margins
 from deit_lt.models.resnet_cifar import ZeroPadShortcut
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)      # the 2 cores are shared with other test runs
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 
 def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -41,14 +41,7 @@ SHORT = ['optim.epochs=4', 'loss.drw_epoch=2', 'optim.milestones=[2,3]', 'optim.
          'runtime.log_every=5', 'wandb.mode=disabled']
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    # The 2 cores are shared with other test runs; OMP_NUM_THREADS also stops create_accelerator from resetting it.
-    monkeypatch.setenv('OMP_NUM_THREADS', '1')
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 
 def _cli(args: list[str], launcher: list[str] | None = None, env_extra: dict | None = None, check: bool = True):

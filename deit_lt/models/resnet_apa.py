@@ -35,8 +35,7 @@ from timm.models.resnet import _cfg as _resnet_cfg
 from torch import nn
 
 from .layers.apa import SqueezeExcite, resolve_act_layer
-from .layers.normed_linear import NormedLinear
-from .resnet_cifar import HEAD_TYPES, CosNormClassifier
+from .resnet_cifar import HEAD_TYPES, make_head
 
 __all__ = ['ResNetApa']
 
@@ -74,13 +73,7 @@ class ResNetApa(ResNet):
         self.fc = self._make_head(self.num_classes)
 
     def _make_head(self, num_classes: int) -> nn.Module:
-        if num_classes <= 0:
-            return nn.Identity()
-        if self.head_type == 'normed':
-            return NormedLinear(self.num_features, num_classes)
-        if self.head_type == 'cosnorm':
-            return CosNormClassifier(self.num_features, num_classes)
-        return nn.Linear(self.num_features, num_classes)
+        return make_head(self.head_type, self.num_features, num_classes)
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A freshly initialised head of the same kind (linear, normed or cosnorm) for `num_classes` classes."""

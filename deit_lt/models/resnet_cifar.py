@@ -34,7 +34,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from .layers.apa import SqueezeExcite, resolve_act_layer
 from .layers.normed_linear import NormedLinear
 
-__all__ = ['ResNetCifar', 'BasicBlock', 'ZeroPadShortcut', 'CosNormClassifier', 'HEAD_TYPES']
+__all__ = ['ResNetCifar', 'BasicBlock', 'ZeroPadShortcut', 'CosNormClassifier', 'HEAD_TYPES', 'make_head']
 
 # Classifier kinds: 'linear' (nn.Linear), 'normed' (NormedLinear, the LDAM cosine head that `use_norm` selects),
 # 'cosnorm' (CosNormClassifier, the head of the published APA recipes).
@@ -98,6 +98,19 @@ class CosNormClassifier(nn.Module):
 
     def extra_repr(self) -> str:
         return f'in_features={self.in_features}, out_features={self.out_features}, scale={self.scale}'
+
+
+def make_head(head_type: str, num_features: int, num_classes: int) -> nn.Module:
+    """A classifier of kind `head_type` (one of HEAD_TYPES); nn.Identity for num_classes <= 0 (features only)."""
+    if head_type not in HEAD_TYPES:
+        raise ValueError(f'unknown head_type {head_type!r}; choose one of {HEAD_TYPES}')
+    if num_classes <= 0:
+        return nn.Identity()
+    if head_type == 'normed':
+        return NormedLinear(num_features, num_classes)
+    if head_type == 'cosnorm':
+        return CosNormClassifier(num_features, num_classes)
+    return nn.Linear(num_features, num_classes)
 
 
 class BasicBlock(nn.Module):
@@ -208,13 +221,7 @@ class ResNetCifar(nn.Module):
         self.init_weights()
 
     def _make_head(self, num_classes: int) -> nn.Module:
-        if num_classes <= 0:
-            return nn.Identity()
-        if self.head_type == 'normed':
-            return NormedLinear(self.num_features, num_classes)
-        if self.head_type == 'cosnorm':
-            return CosNormClassifier(self.num_features, num_classes)
-        return nn.Linear(self.num_features, num_classes)
+        return make_head(self.head_type, self.num_features, num_classes)
 
     @torch.no_grad()
     def init_weights(self) -> None:
