@@ -35,7 +35,7 @@ from timm.models.resnet import _cfg as _resnet_cfg
 from torch import nn
 
 from .layers.apa import SqueezeExcite, resolve_act_layer
-from .resnet_cifar import HEAD_TYPES, make_head
+from .resnet_cifar import make_head, resolve_head_type
 
 __all__ = ['ResNetApa']
 
@@ -56,13 +56,7 @@ class ResNetApa(ResNet):
     def __init__(self, *, act_layer: str | Callable[..., nn.Module] = 'relu', act_kwargs: dict[str, Any] | None = None,
                  se_gate: str | None = None, se_reduction: int = 16, head_type: str | None = None,
                  use_norm: bool = False, **kwargs: Any):
-        if head_type is None:
-            head_type = 'normed' if use_norm else 'linear'
-        if head_type not in HEAD_TYPES:
-            raise ValueError(f'unknown head_type {head_type!r}; choose one of {HEAD_TYPES}')
-        if use_norm and head_type != 'normed':
-            raise ValueError(f"use_norm=True selects the 'normed' (LDAM cosine) head; it contradicts "
-                             f'head_type={head_type!r}')
+        head_type = resolve_head_type(head_type, use_norm)
         block_args = dict(kwargs.pop('block_args', None) or {})
         if se_gate:
             block_args['attn_layer'] = partial(SqueezeExcite, reduction=se_reduction, gate=se_gate)

@@ -34,7 +34,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from .layers.apa import SqueezeExcite, resolve_act_layer
 from .layers.normed_linear import NormedLinear
 
-__all__ = ['ResNetCifar', 'BasicBlock', 'ZeroPadShortcut', 'CosNormClassifier', 'HEAD_TYPES', 'make_head']
+__all__ = ['ResNetCifar', 'BasicBlock', 'ZeroPadShortcut', 'CosNormClassifier', 'HEAD_TYPES', 'make_head',
+           'resolve_head_type']
 
 # Classifier kinds: 'linear' (nn.Linear), 'normed' (NormedLinear, the LDAM cosine head that `use_norm` selects),
 # 'cosnorm' (CosNormClassifier, the head of the published APA recipes).
@@ -98,6 +99,18 @@ class CosNormClassifier(nn.Module):
 
     def extra_repr(self) -> str:
         return f'in_features={self.in_features}, out_features={self.out_features}, scale={self.scale}'
+
+
+def resolve_head_type(head_type: str | None, use_norm: bool) -> str:
+    """The head kind of a network's arguments: `head_type`, or from `use_norm` (LDAM's flag) when it is None."""
+    if head_type is None:
+        head_type = 'normed' if use_norm else 'linear'
+    if head_type not in HEAD_TYPES:
+        raise ValueError(f'unknown head_type {head_type!r}; choose one of {HEAD_TYPES}')
+    if use_norm and head_type != 'normed':
+        raise ValueError(f"use_norm=True selects the 'normed' (LDAM cosine) head; it contradicts "
+                         f'head_type={head_type!r}')
+    return head_type
 
 
 def make_head(head_type: str, num_features: int, num_classes: int) -> nn.Module:
@@ -184,13 +197,7 @@ class ResNetCifar(nn.Module):
         norm_layer = get_norm_layer(norm_layer)
         if len(layers) != len(widths):
             raise ValueError(f'layers {tuple(layers)} and widths {tuple(widths)} differ in length')
-        if head_type is None:
-            head_type = 'normed' if use_norm else 'linear'
-        if head_type not in HEAD_TYPES:
-            raise ValueError(f'unknown head_type {head_type!r}; choose one of {HEAD_TYPES}')
-        if use_norm and head_type != 'normed':
-            raise ValueError(f"use_norm=True selects the 'normed' (LDAM cosine) head; it contradicts "
-                             f'head_type={head_type!r}')
+        head_type = resolve_head_type(head_type, use_norm)
         act_layer = resolve_act_layer(act_layer, **(act_kwargs or {}))
         attn_layer = partial(SqueezeExcite, reduction=se_reduction, gate=se_gate) if se_gate else None
         self.num_classes = num_classes
