@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,19 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get('DEIT_LT_DATA', REPO.parent / 'shared' / 'data'))
 CIFAR10_PACK = DATA_DIR / 'cifar10_jpeg.npz'
 CIFAR100_LABELS = DATA_DIR / 'cifar100_labels.npz'
+
+
+
+def two_cpu_processes() -> list[str]:
+    """`accelerate launch` of 2 gloo processes on the CPU (run with ACCELERATE_USE_CPU=1), on a free port: test
+    files run in parallel (pytest -n), and two launches on accelerate's default port 29500 would meet."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    return [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+            '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
+            '--main_process_port', str(port)]
+
 
 needs_cifar10 = pytest.mark.skipif(not CIFAR10_PACK.is_file(), reason=f'real CIFAR-10 pack not found at {CIFAR10_PACK}')
 needs_cifar100_labels = pytest.mark.skipif(not CIFAR100_LABELS.is_file(),

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, two_cpu_processes
 from deit_lt.config import RuntimeConfig
 from deit_lt.errors import ConfigError
 from deit_lt.runtime import OutputDir
@@ -71,8 +71,7 @@ def test_a_dying_process_ends_the_other_quickly(tmp_path):
         'engine.optimizer_update = failing\n'
         f'sys.argv = [{TRAIN!r}] + sys.argv[1:]\n'
         f'runpy.run_path({TRAIN!r}, run_name="__main__")\n')
-    launcher = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
-                '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no']
+    launcher = two_cpu_processes()
     t0 = time.time()
     r = subprocess.run(launcher + [str(wrapper), *RUN, f'runtime.output_dir={tmp_path / "run"}'],
                        env=dict(ENV, ACCELERATE_USE_CPU='1'), capture_output=True, text=True, cwd=REPO, timeout=300)

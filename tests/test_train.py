@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, two_cpu_processes
 from deit_lt.cli import run_tool
 
 TRAIN = str(REPO / 'tools' / 'train.py')
@@ -93,8 +93,7 @@ def test_two_cpu_processes_match_one_process(tmp_path):
                      'aug.hflip=0', 'aug.rand_augment=null', 'aug.re_prob=0', 'aug.mixup=0', 'aug.cutmix=0',
                      'aug.smoothing=0', 'aug.repeated_aug=1', 'model.drop_path_rate=0', 'optim.accum_steps=1']
     run_train(common + ['optim.batch_size=16', f'runtime.output_dir={tmp_path / "one"}'])   # the global batch
-    launcher = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
-                '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no']
+    launcher = two_cpu_processes()
     r = run_train(common + ['optim.batch_size=16', f'runtime.output_dir={tmp_path / "two"}'],
                   env_extra={'ACCELERATE_USE_CPU': '1'}, launcher=launcher)
     assert '2 process(es)' in r.stdout

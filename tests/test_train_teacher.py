@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, two_cpu_processes
 from deit_lt.cli import run_tool
 from deit_lt.checkpoint import CheckpointError, load_model_file, read_model_meta, save_model_file
 from deit_lt.config import AugConfig, ConfigError, DataConfig, load_config, to_dict
@@ -171,8 +171,7 @@ def test_two_cpu_processes_match_one_process(tmp_path):
     common = ['model.kwargs={norm_layer: groupnorm1}', 'aug.crop=none', 'loss.drw_epoch=null', 'optim.epochs=2',
               'runtime.max_steps=4', 'sam.rho=0.5']
     one = train_teacher(_cfg(*common, f'runtime.output_dir={tmp_path / "one"}'))
-    launcher = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
-                '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no']
+    launcher = two_cpu_processes()
     r = _cli(['--config', str(DIGITS), *SHORT, *common, f'runtime.output_dir={tmp_path / "two"}'], launcher=launcher,
              env_extra={'ACCELERATE_USE_CPU': '1'})
     assert '2 process(es)' in r.stdout
