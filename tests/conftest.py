@@ -9,11 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
+# One intra-op thread in every test process and in every process a test starts: the suite runs its files on 2 workers
+# (README: pytest -n 2) on 2 cores, the models are tiny, and on busy cores OpenMP threads spin-wait (16 joint epochs
+# took 13 s on one thread, 180 s on two under load). OMP_NUM_THREADS also keeps create_accelerator from resetting it.
+os.environ['OMP_NUM_THREADS'] = '1'
+torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get('DEIT_LT_DATA', REPO.parent / 'shared' / 'data'))
 CIFAR10_PACK = DATA_DIR / 'cifar10_jpeg.npz'
 CIFAR100_LABELS = DATA_DIR / 'cifar100_labels.npz'
-
 
 
 def two_cpu_processes() -> list[str]:
@@ -39,17 +44,3 @@ def _isolated_env(monkeypatch, tmp_path_factory):
     cache = os.environ.get('DEIT_LT_TEST_CACHE') or str(tmp_path_factory.getbasetemp() / 'deit_lt_cache')
     monkeypatch.setenv('DEIT_LT_CACHE', cache)
     yield
-
-
-@pytest.fixture(scope='module')
-def one_thread():
-    """One intra-op thread, and OMP_NUM_THREADS=1 for the accelerators and subprocesses a test starts (it also keeps
-    create_accelerator from resetting the count). The models of the tests are tiny: more threads gain nothing, and on
-    shared, busy cores OpenMP threads spin-wait (16 joint epochs took 13 s on one thread, 180 s on two under load)."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv('OMP_NUM_THREADS', '1')
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-    mp.undo()

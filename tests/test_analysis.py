@@ -44,9 +44,6 @@ def _tool():
 FIGURES = ('attention_distance', 'feature_rank', 'feature_spectrum', 'expertise', 'classifier_norms', 'reliability')
 
 
-pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Mean attention distance
 # --------------------------------------------------------------------------------------------------------------

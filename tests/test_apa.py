@@ -36,9 +36,6 @@ from deit_lt.optim import no_weight_decay_names, param_groups
 F64 = torch.float64
 
 
-pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
-
-
 def _t(v) -> torch.Tensor:
     return torch.as_tensor(v, dtype=F64)
 

@@ -53,9 +53,6 @@ DATA = DataConfig(name='digits_lt', imb_factor=10, val_per_class=20)
 QUIET = ['wandb.mode=disabled', 'runtime.progress=false', 'runtime.log_every=1', 'runtime.eval_every=100']
 
 
-pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
-
-
 def _apa_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if n.endswith(('.kappa', '.lambda_'))}
 

@@ -32,9 +32,6 @@ TEACHER_CFG = str(REPO / 'configs' / 'teachers' / 'digits_lt.yaml')
 CLUSTER_CFG = str(REPO / 'configs' / 'cluster' / 'digits_lt.yaml')
 
 
-pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
-
-
 def _tool(name: str):
     spec = importlib.util.spec_from_file_location(f'_bad_inputs_{name}', REPO / 'tools' / f'{name}.py')
     mod = importlib.util.module_from_spec(spec)

@@ -34,9 +34,6 @@ SHORT = ['model.name=deit_micro_patch2_8', 'model.checkpoint=null', 'model.train
          'runtime.log_every=5', 'runtime.progress=false', 'wandb.mode=disabled']
 
 
-pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
-
-
 def _main(argv: list[str]) -> tuple[int, str, str]:
     """tools/cluster.py's main() in this process: (exit code, stdout, stderr)."""
     spec = importlib.util.spec_from_file_location('cluster_tool', TOOL)

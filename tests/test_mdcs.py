@@ -21,9 +21,6 @@ COUNTS = (100, 10, 1)
 TOL = 1e-5
 
 
-pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
-
-
 def test_prior_offsets():
     off = mdcs_prior_offsets(COUNTS)
     assert off[0].tolist() == pytest.approx([-2.302585, -1.151293, 0.0], abs=TOL)

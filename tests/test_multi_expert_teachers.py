@@ -58,9 +58,6 @@ STAGE1_OVERRIDES = {'ride': ['loss.drw_epoch=0', 'optim.milestones=[1]'], 'mdcs'
                     'shike': []}
 
 
-pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
-
-
 def _stage1_config(path: Path) -> Path | None:
     for suffix in STAGE2_SUFFIXES:
         if path.stem.endswith(suffix):

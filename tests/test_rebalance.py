@@ -63,9 +63,6 @@ def _meta(arch, num_classes, ds, model_kwargs, kind='student'):
             'splits': ds.splits.as_dict(), 'epoch': 0, 'config': to_dict(cfg)}
 
 
-pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
-
-
 @pytest.fixture(scope='module')
 def digits():
     ds = create_datasets(DATA)
@@ -180,7 +177,6 @@ def test_feature_cache_is_keyed_and_reused(digits, trained, tmp_path):
         assert features_mod.cache_key(trained[0], 'val', img_size=8) != keys['val']
     finally:
         os.utime(trained[0], ns=(st.st_atime_ns, st.st_mtime_ns))
-
 
 
 def test_feature_extraction_reports_progress(digits, trained, tmp_path, monkeypatch, capsys):

@@ -26,9 +26,6 @@ COUNTS = (100, 10, 1)
 TOL = 1e-5
 
 
-pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
-
-
 def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor, t: torch.Tensor | float = 1.0) -> float:
     """KL(softmax(p / t) || softmax(q / t)) of one row, written out."""
     p, q = F.softmax(p_logits / t, dim=-1), F.softmax(q_logits / t, dim=-1)

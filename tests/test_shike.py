@@ -27,9 +27,6 @@ from teachers.shike import BalancedSoftmaxLoss, ShikeLoss, hns_teacher_logits, s
 TOL = 1e-5
 
 
-pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
-
-
 def _oracle_batch() -> tuple[torch.Tensor, torch.Tensor]:
     z = torch.tensor([[[10., 8., 2., -4.]], [[6., 2., 7., 0.]], [[8., 5., 4., 1.]]])   # (E=3, B=1, C=4)
     return z, torch.tensor([0])

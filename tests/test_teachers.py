@@ -31,9 +31,6 @@ from teachers import TeacherLoss, ldam_margins
 from deit_lt.models.resnet_cifar import ZeroPadShortcut
 
 
-pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
-
-
 def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Non-trivial BN statistics and affine parameters, so that a wrong mapping of any BN key changes the logits."""
     g = torch.Generator().manual_seed(seed)

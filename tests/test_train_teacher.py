@@ -41,9 +41,6 @@ SHORT = ['optim.epochs=4', 'loss.drw_epoch=2', 'optim.milestones=[2,3]', 'optim.
          'runtime.log_every=5', 'wandb.mode=disabled']
 
 
-pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
-
-
 def _cli(args: list[str], launcher: list[str] | None = None, env_extra: dict | None = None, check: bool = True):
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', **(env_extra or {}))
     r = subprocess.run((launcher or [sys.executable]) + [str(TOOL)] + args, capture_output=True, text=True, env=env,
