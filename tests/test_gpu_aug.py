@@ -2,7 +2,7 @@
 
 Every random draw is compared with timm's own sampler (crop boxes, RandAugment op choice / application /
 magnitudes, random erasing) through two-sample statistical tests with fixed seeds, and every pixel op with the
-PIL op timm calls, on real images: CIFAR-10 test images when ../shared/data is present (env DEIT_LT_DATA), and
+PIL op timm calls, on real images: CIFAR-10 test images when the data folder of env DEIT_LT_DATA holds them, and
 always on images built from scikit-learn's bundled handwritten digits.
 """
 from __future__ import annotations

@@ -118,7 +118,7 @@ def _decode_packed(pack: Path, split: str, i: int, data: np.ndarray) -> np.ndarr
 def _find_cifar(cfg: DataConfig, num_classes: int) -> dict:
     if not cfg.root:
         raise DatasetError(f'{cfg.name} needs data.root: the folder with the official python release or the '
-                           f'JPEG pack (e.g. data.root=../shared/data/cifar10_jpeg.npz)')
+                           f'JPEG pack (e.g. data.root=/data/cifar10_jpeg.npz)')
     root = Path(cfg.root).expanduser()
     if not root.exists():
         raise DatasetError(f'data.root does not exist: {root}')
