@@ -10,6 +10,7 @@ register themselves from their own modules (`teachers.ride`, `teachers.mdcs`, `t
 """
 from __future__ import annotations
 
+import abc
 from typing import Any, Callable
 
 import torch
@@ -52,7 +53,7 @@ def get_method(name: str) -> type['TeacherMethod']:
     return _METHODS[name]
 
 
-class TeacherMethod:
+class TeacherMethod(abc.ABC):
     """Base class of a teacher method.
 
     Attributes (class level):
@@ -98,10 +99,10 @@ class TeacherMethod:
         """Called at every epoch start; returns scalars to record for the epoch."""
         return {}
 
+    @abc.abstractmethod
     def loss(self, model: nn.Module, batch: Batch, targets: torch.Tensor
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of one micro-batch and statistics to log (0-d tensors, 'acc' in percent)."""
-        raise NotImplementedError
 
 
 def _accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
