@@ -201,11 +201,10 @@ def save_training_state(output_dir: str | os.PathLike, tag: str, *, model_state:
     _remove_stale(root, '.')
     tensors = clean_state_dict(model_state)
     final = root / tag
-    tmp = root / f'.{tag}.{os.getpid()}.tmp'
     previous = (root / 'latest').read_text().strip() if (root / 'latest').is_file() else None
     kept = (f'checkpoints/latest still names the previous checkpoint {previous}, which is intact' if previous
             else 'there was no earlier checkpoint')
-    try:
+    with _temporary(final, kept) as tmp:
         tmp.mkdir()
         _write_model(tmp / 'model.safetensors', tensors, meta)
         if optimizer_state is not None:
@@ -222,12 +221,6 @@ def save_training_state(output_dir: str | os.PathLike, tag: str, *, model_state:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except _WRITE_ERRORS as e:
-        _remove(tmp)
-        raise _write_failed(final, e, kept) from None
-    except BaseException:
-        _remove(tmp)
-        raise
     atomic_write_text(root / 'latest', tag + '\n')
     if keep > 0:
         tags = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith('.')),
